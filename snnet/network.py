@@ -1,0 +1,229 @@
+"""The stitchable network: a family of anchors plus stitching layers, switchable at runtime."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from snnet.families import AnchorView, anchor_view
+from snnet.lstsq import AffineLstsq
+from snnet.profile import AnchorProfile, count_flops, num_params, profile_anchor
+from snnet.stitch_configs import AnchorDepths, LayerSpec, StitchConfig, config_name, generate_stitch_configs
+from snnet.stitching import StitchingLayer, channels_last
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StitchInfo:
+    id: int
+    name: str
+    flops: int  # per image, FlopCounterMode convention (2 per multiply-add)
+    params: int  # parameters on this path only
+    is_anchor: bool
+
+
+@dataclass
+class _Path:
+    """A configuration resolved to callables: stem, then modules in order, then head."""
+
+    stem: Callable[[Tensor], Tensor]
+    modules: list[Callable[[Tensor], Tensor]]
+    head: Callable[[Tensor], Tensor]
+
+
+class StitchableNetwork(nn.Module):
+    """SN-Net over pretrained anchors.
+
+    Anchors are ordered fast-to-slow by FLOPs whatever order they are given in. Configuration ids
+    are stable: anchors first (0..A-1), then stitches in the reference generator's order.
+    ``set_stitch(id)`` switches the active path with no allocation; ``forward(x, stitch=id)``
+    overrides it for one call.
+    """
+
+    def __init__(
+        self,
+        anchors: Sequence[nn.Module],
+        names: Sequence[str] | None = None,
+        kernel_size: int = 2,
+        stride: int = 1,
+        nearest: bool = True,
+        stitch_stages: Sequence[int] | None = None,
+        input_size: tuple[int, int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if not anchors:
+            raise ValueError("need at least one anchor")
+        names = list(names) if names is not None else [type(a).__name__.lower() for a in anchors]
+        if len(names) != len(anchors):
+            raise ValueError(f"got {len(anchors)} anchors but {len(names)} names")
+        views = [anchor_view(a) for a in anchors]
+        profiles = [profile_anchor(v, input_size) for v in views]
+        order = sorted(range(len(anchors)), key=lambda i: (profiles[i].flops, profiles[i].params))
+        self.anchors = nn.ModuleList([anchors[i] for i in order])
+        self.views: list[AnchorView] = [views[i] for i in order]
+        self.profiles: list[AnchorProfile] = [profiles[i] for i in order]
+        self.anchor_names = _unique([names[i] for i in order])
+
+        depths = [
+            AnchorDepths(v.stage_depths, tuple(stitch_stages) if stitch_stages is not None else v.stitch_stages, v.isotropic)
+            for v in self.views
+        ]
+        self.configs, self.layer_specs = generate_stitch_configs(depths, kernel_size, stride, nearest)
+        self.stitch_layers = nn.ModuleList([self._make_layer(spec) for spec in self.layer_specs])
+        self._paths = [self._resolve(c) for c in self.configs]
+        self.stitch_id = 0
+        self.infos = [self._info(c) for c in self.configs]
+
+    # --- construction ---------------------------------------------------------------------
+    def _make_layer(self, spec: LayerSpec) -> StitchingLayer:
+        j, k = spec.pairs[0]
+        front, end = self.views[spec.front], self.views[spec.end]
+        return StitchingLayer(
+            in_shape=self.profiles[spec.front].block_shapes[j],
+            out_shape=self._end_input_shape(spec.end, k),
+            in_layout=front.layout, out_layout=end.layout,
+            in_prefix_tokens=front.num_prefix_tokens, out_prefix_tokens=end.num_prefix_tokens,
+        )
+
+    def _end_input_shape(self, anchor: int, block: int) -> tuple[int, ...]:
+        p = self.profiles[anchor]
+        return p.stem_shape if block == 0 else p.block_shapes[block - 1]
+
+    def _segments(self, config: StitchConfig) -> list[tuple[int, int, int, int | None]]:
+        """(anchor, first block, stop block, stitching layer after or None) per anchor on the path."""
+        if config.is_anchor:
+            a = config.anchors[0]
+            return [(a, 0, len(self.views[a].blocks), None)]
+        segments, start = [], 0
+        for hop in config.hops:
+            segments.append((hop.front, start, hop.front_block + 1, hop.layer))
+            start = hop.end_block
+        last = config.anchors[-1]
+        segments.append((last, start, len(self.views[last].blocks), None))
+        return segments
+
+    def _resolve(self, config: StitchConfig) -> _Path:
+        modules: list[Callable[[Tensor], Tensor]] = []
+        for anchor, start, stop, layer in self._segments(config):
+            modules.extend(self.views[anchor].blocks[start:stop])
+            if layer is not None:
+                modules.append(self.stitch_layers[layer])
+        return _Path(self.views[config.anchors[0]].stem, modules, self.views[config.anchors[-1]].head)
+
+    @torch.no_grad()
+    def _info(self, config: StitchConfig) -> StitchInfo:
+        first, last = self.profiles[config.anchors[0]], self.profiles[config.anchors[-1]]
+        flops = first.stem_flops + last.head_flops
+        params = first.stem_params + last.head_params
+        for anchor, start, stop, layer in self._segments(config):
+            p = self.profiles[anchor]
+            flops += sum(p.block_flops[start:stop])
+            params += sum(p.block_params[start:stop])
+            if layer is not None:
+                flops += self._layer_flops(layer)
+                params += num_params([self.stitch_layers[layer]])
+        name = config_name(config, self.anchor_names, [len(v.blocks) for v in self.views])
+        return StitchInfo(config.id, name, flops, params, config.is_anchor)
+
+    def _layer_flops(self, layer: int) -> int:
+        spec = self.layer_specs[layer]
+        shape = self.profiles[spec.front].block_shapes[spec.pairs[0][0]]
+        param = self.stitch_layers[layer].proj.weight
+        _, flops = count_flops(self.stitch_layers[layer], torch.zeros(1, *shape, device=param.device, dtype=param.dtype))
+        return flops
+
+    # --- runtime --------------------------------------------------------------------------
+    @property
+    def num_configs(self) -> int:
+        return len(self.configs)
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.anchors)
+
+    def _check_id(self, stitch: int) -> int:
+        if not 0 <= stitch < len(self.configs):
+            raise IndexError(f"stitch id {stitch} out of range: valid ids are 0..{len(self.configs) - 1}")
+        return stitch
+
+    def set_stitch(self, stitch: int) -> None:
+        """Make ``stitch`` the active configuration (no re-instantiation, no allocation)."""
+        self.stitch_id = self._check_id(stitch)
+
+    def forward(self, x: Tensor, stitch: int | None = None) -> Tensor:
+        path = self._paths[self.stitch_id if stitch is None else self._check_id(stitch)]
+        x = path.stem(x)
+        for module in path.modules:
+            x = module(x)
+        return path.head(x)
+
+    # --- least-squares initialisation ------------------------------------------------------
+    @torch.no_grad()
+    def anchor_features(self, anchor: int, x: Tensor) -> list[Tensor]:
+        """Stem output followed by every block's output: entry k is block k's input."""
+        view = self.views[anchor]
+        feats = [view.stem(x)]
+        for block in view.blocks:
+            feats.append(block(feats[-1]))
+        return feats
+
+    @torch.no_grad()
+    def init_stitches_lstsq(self, batches: Iterable[Tensor], ridge: float = 0.0) -> int:
+        """Fit every stitching layer in closed form on the images in ``batches``.
+
+        A layer shared by several (j, k) pairs is solved once over all of its pairs' data.
+        Accumulation is float64 on the network's device; returns the number of images used.
+        """
+        if not self.layer_specs:
+            return 0
+        device = next(self.parameters()).device
+        groups: dict[tuple[int, int, int], list[int]] = {}  # layers of equal shape: one batched system
+        for i, spec in enumerate(self.layer_specs):
+            groups.setdefault((spec.front, spec.end, spec.stage), []).append(i)
+        systems = {
+            key: AffineLstsq(len(ids), self.stitch_layers[ids[0]].in_features, self.stitch_layers[ids[0]].out_features, device)
+            for key, ids in groups.items()
+        }
+        was_training = self.training
+        self.eval()
+        images = 0
+        try:
+            for x in batches:
+                x = x.to(device)
+                images += x.shape[0]
+                feats = [self.anchor_features(a, x) for a in range(self.num_anchors)]
+                for (front, end, stage), ids in groups.items():
+                    for local, i in enumerate(ids):
+                        layer = self.stitch_layers[i]
+                        for j, k in self.layer_specs[i].pairs:
+                            target = channels_last(feats[end][k], self.views[end].layout)
+                            systems[(front, end, stage)].update(
+                                local, layer.fit_rows(feats[front][j + 1]), target.reshape(-1, layer.out_features)
+                            )
+        finally:
+            self.train(was_training)
+        if images == 0:
+            raise ValueError("least-squares initialisation received no images")
+        for key, ids in groups.items():
+            weights, biases = systems[key].solve(ridge)
+            for local, i in enumerate(ids):
+                self.stitch_layers[i].set_affine(weights[local], biases[local])
+        log.info("least-squares initialised %d stitching layers on %d images", len(self.layer_specs), images)
+        return images
+
+    def table(self) -> list[StitchInfo]:
+        return list(self.infos)
+
+
+def _unique(names: list[str]) -> list[str]:
+    counts: dict[str, int] = {}
+    out = []
+    for n in names:
+        out.append(n if n not in counts else f"{n}#{counts[n]}")
+        counts[n] = counts.get(n, 0) + 1
+    return out

@@ -1,0 +1,106 @@
+"""Shapes, FLOPs and parameters of every part of an anchor, from one probe forward.
+
+FLOPs follow ``torch.utils.flop_counter.FlopCounterMode``: one multiply-add counts as 2 FLOPs,
+per image. (The SN-Net paper's "FLOPs" are multiply-adds: divide ours by 2 to compare.)
+Fused attention (``scaled_dot_product_attention``) has no FLOP formula on CPU, so attention is
+switched to timm's explicit path while counting.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from snnet.families import AnchorView
+
+
+@contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[None]:
+    """Temporarily route timm attention through explicit matmuls so FLOPs are counted."""
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    for m in fused:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in fused:
+            m.fused_attn = True
+
+
+def count_flops(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, int]:
+    with FlopCounterMode(display=False) as counter:
+        y = fn(x)
+    return y, counter.get_total_flops()
+
+
+def num_params(modules: list[nn.Module]) -> int:
+    seen = {id(p): p for m in modules for p in m.parameters()}
+    return sum(p.numel() for p in seen.values())
+
+
+@dataclass
+class AnchorProfile:
+    input_size: tuple[int, int, int]
+    stem_shape: tuple[int, ...]  # without batch
+    block_shapes: list[tuple[int, ...]]
+    stem_flops: int
+    block_flops: list[int]
+    head_flops: int
+    stem_params: int
+    block_params: list[int]
+    head_params: int
+
+    @property
+    def flops(self) -> int:
+        return self.stem_flops + sum(self.block_flops) + self.head_flops
+
+    @property
+    def params(self) -> int:
+        return self.stem_params + sum(self.block_params) + self.head_params
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The size the model was built for: a fixed patch-embedding size wins over the pretrained config."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    patch_embed = getattr(model, "patch_embed", None)
+    if getattr(patch_embed, "img_size", None) is not None:
+        return (patch_embed.proj.in_channels, *patch_embed.img_size)
+    if "input_size" not in cfg:
+        raise ValueError(f"{type(model).__name__} has no pretrained_cfg['input_size']; pass input_size explicitly")
+    return tuple(cfg["input_size"])
+
+
+@torch.no_grad()
+def profile_anchor(view: AnchorView, input_size: tuple[int, int, int] | None = None) -> AnchorProfile:
+    """Run one image through the view, recording each part's output shape and FLOPs."""
+    model = view.model
+    input_size = tuple(input_size or default_input_size(model))
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with unfused_attention(model):
+            x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+            x, stem_flops = count_flops(view.stem, x)
+            stem_shape = tuple(x.shape[1:])
+            shapes, flops = [], []
+            for block in view.blocks:
+                x, f = count_flops(block, x)
+                shapes.append(tuple(x.shape[1:]))
+                flops.append(f)
+            _, head_flops = count_flops(view.head, x)
+    finally:
+        model.train(was_training)
+    block_params = [num_params([b]) for b in view.blocks]
+    head_params = num_params(view.head_modules)
+    total = num_params([model])
+    return AnchorProfile(
+        input_size=input_size, stem_shape=stem_shape, block_shapes=shapes, stem_flops=stem_flops,
+        block_flops=flops, head_flops=head_flops, stem_params=total - sum(block_params) - head_params,
+        block_params=block_params, head_params=head_params,
+    )

@@ -1,0 +1,107 @@
+"""Stitching layers: a learned affine map between two anchors' activation spaces.
+
+Linear on tokens and NHWC maps, 1x1 conv on NCHW maps. When layouts or spatial sizes differ,
+the input is first brought to the end anchor's grid (token <-> map conversion, bilinear resize);
+the same conversion produces the rows that least squares fits, so fit and forward never disagree.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from snnet.families import Layout
+
+
+def channels_last(x: Tensor, layout: Layout) -> Tensor:
+    """(B, ..., C) view of an activation: tokens stay (B, N, C), maps become (B, H, W, C)."""
+    return x.permute(0, 2, 3, 1) if layout == "nchw" else x
+
+
+def from_channels_last(x: Tensor, layout: Layout) -> Tensor:
+    return x.permute(0, 3, 1, 2) if layout == "nchw" else x
+
+
+def _grid(shape: tuple[int, ...], layout: Layout, num_prefix_tokens: int) -> tuple[int, int]:
+    """Spatial grid (H, W) of an activation shape given without batch."""
+    if layout == "nchw":
+        return shape[1], shape[2]
+    if layout == "nhwc":
+        return shape[0], shape[1]
+    n = shape[0] - num_prefix_tokens
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"cannot view {n} tokens as a square grid to convert them to a map")
+    return side, side
+
+
+class StitchingLayer(nn.Module):
+    """Maps a front anchor's block output onto the end anchor's block input.
+
+    Shapes are given without the batch dimension, in each side's own layout.
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        in_layout: Layout,
+        out_layout: Layout,
+        in_prefix_tokens: int = 0,
+        out_prefix_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        self.in_layout, self.out_layout = in_layout, out_layout
+        self.in_features = in_shape[0] if in_layout == "nchw" else in_shape[-1]
+        self.out_features = out_shape[0] if out_layout == "nchw" else out_shape[-1]
+        self.in_prefix_tokens = in_prefix_tokens
+        same_tokens = in_layout == out_layout == "tokens" and in_shape[0] == out_shape[0]
+        same_map = in_layout == out_layout != "tokens" and _grid(in_shape, in_layout, 0) == _grid(out_shape, out_layout, 0)
+        self.direct = same_tokens or same_map
+        if not self.direct:
+            if out_layout == "tokens" and out_prefix_tokens:
+                raise ValueError(
+                    f"stitching into tokens with {out_prefix_tokens} prefix (class) token(s) from a {in_layout} "
+                    "activation is not supported: the end anchor's class token has no source"
+                )
+            self.in_grid = _grid(in_shape, in_layout, in_prefix_tokens)
+            self.out_grid = _grid(out_shape, out_layout, out_prefix_tokens)
+        if in_layout == out_layout == "nchw":
+            self.proj: nn.Module = nn.Conv2d(self.in_features, self.out_features, kernel_size=1)
+        else:
+            self.proj = nn.Linear(self.in_features, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_layout} -> {self.out_layout}, direct={self.direct}"
+
+    def align(self, x: Tensor) -> Tensor:
+        """Bring ``x`` onto the end anchor's grid, channels last: (B, N, C) or (B, H, W, C)."""
+        if self.direct:
+            return channels_last(x, self.in_layout)
+        if self.in_layout == "tokens":
+            x = x[:, self.in_prefix_tokens:].unflatten(1, self.in_grid)
+        else:
+            x = channels_last(x, self.in_layout)
+        if self.in_grid != self.out_grid:
+            x = F.interpolate(x.permute(0, 3, 1, 2), size=self.out_grid, mode="bilinear", align_corners=False)
+            x = x.permute(0, 2, 3, 1)
+        return x.flatten(1, 2) if self.out_layout == "tokens" else x
+
+    def fit_rows(self, x: Tensor) -> Tensor:
+        """Input rows (samples x in_features) that the affine map sees, for least squares."""
+        return self.align(x).reshape(-1, self.in_features)
+
+    def set_affine(self, weight: Tensor, bias: Tensor) -> None:
+        """Load ``y = x @ weight.T + bias`` (weight: out x in)."""
+        with torch.no_grad():
+            self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
+            self.proj.bias.copy_(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.direct and self.in_layout == "nchw":
+            return self.proj(x)
+        y = F.linear(self.align(x), self.proj.weight.flatten(1), self.proj.bias)
+        return from_channels_last(y, self.out_layout)
