@@ -1,0 +1,73 @@
+"""``snnet``: LightningCLI's fit/validate/test/predict plus the project's own subcommands.
+
+The Lightning subcommands go to :class:`SNNetCLI` untouched; the others are thin argparse front
+ends over library functions (``snnet.commands``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_COMMANDS = {
+    "fit": "Train all stitches jointly (least-squares init at start).",
+    "validate": "Score every stitch on the validation set; write results JSON/CSV and a Pareto plot.",
+    "test": "Score every stitch on the test set.",
+    "predict": "Predict with one stitch (model.init_args.predict_stitch).",
+}
+
+
+class SNNetCLI(LightningCLI):
+    """LightningCLI with the datamodule sized from the anchors' pretrained data config."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.data_config", "data.init_args.data_config", apply_on="instantiate")
+
+
+def lightning_main(args: Sequence[str] | None) -> None:
+    from snnet.module import SNNetModule
+
+    SNNetCLI(
+        SNNetModule,
+        subclass_mode_data=True,
+        args=None if args is None else list(args),
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+
+
+def usage() -> str:
+    from snnet.commands import COMMANDS
+
+    lines = ["usage: snnet <command> [options]   (snnet <command> --help for its options)", "", "commands:"]
+    for name, doc in LIGHTNING_COMMANDS.items():
+        lines.append(f"  {name:<11} {doc}")
+    for name, (_, doc) in COMMANDS.items():
+        lines.append(f"  {name:<11} {doc}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    from snnet.commands import COMMANDS
+
+    command = argv[0]
+    if command in LIGHTNING_COMMANDS:
+        lightning_main(None if from_command_line else argv)
+    elif command in COMMANDS:
+        COMMANDS[command][0](argv[1:])
+    else:
+        valid = ", ".join([*LIGHTNING_COMMANDS, *COMMANDS])
+        print(f"snnet: unknown command {command!r}; choose one of: {valid}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""LightningDataModules: ImageFolder (ImageNet layout), the shared CIFAR-10 JPEG archive,
+torchvision CIFAR-10/100, and the offline quickstart digits.
+
+All share one mechanism (:class:`ImageDataModule`): transforms come from timm and are sized by the
+anchors' data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``), which the
+CLI links from the model; subclasses only say where the images are.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+TRAIN_TRANSFORMS: tuple[str, ...] = ("timm", "cifar", "eval")
+DATA_ENV = "SNNET_DATA_DIR"
+
+
+def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A fixed random subset (classes mixed: ImageFolder is sorted by class)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit < 1:
+        raise ValueError(f"limit must be a positive number of images or null, got {limit}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:limit].tolist())
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base: transforms from timm, loaders, subsets, and the calibration batch for least squares.
+
+    ``train_transform``: ``timm`` (``create_transform(is_training=True, **augment)``, the ImageNet
+    recipe), ``cifar`` (pad-4 random crop + flip, the CIFAR recipe) or ``eval`` (no augmentation).
+    """
+
+    num_classes: int
+
+    def __init__(
+        self,
+        data_config: dict[str, Any] | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        train_transform: Literal["timm", "cifar", "eval"] = "timm",
+        augment: dict[str, Any] | None = None,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if train_transform not in TRAIN_TRANSFORMS:
+            raise ValueError(f"unknown train_transform {train_transform!r}; choose one of {TRAIN_TRANSFORMS}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data_config = data_config
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_transform = train_transform
+        self.augment = augment or {}
+        self.train_limit = train_limit
+        self.val_limit = val_limit
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    # --- what subclasses provide --------------------------------------------------------------
+    def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
+        """(train, validation) datasets yielding ``(image, label)`` with the given transforms."""
+        raise NotImplementedError
+
+    # --- transforms ---------------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        if self.data_config is None:
+            raise ValueError(
+                "data_config is not set: the CLI links it from the model; in Python pass "
+                "data_config=module.data_config (input_size, mean, std, interpolation, crop_pct)"
+            )
+        return self.data_config
+
+    def transforms(self) -> tuple[Callable, Callable]:
+        from timm.data import create_transform
+        import torchvision.transforms as T
+
+        cfg = self._config()
+        common = {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation") if k in cfg}
+        eval_tf = create_transform(**common, crop_pct=cfg.get("crop_pct", 1.0), is_training=False)
+        if self.train_transform == "timm":
+            train_tf = create_transform(**common, is_training=True, **self.augment)
+        elif self.train_transform == "cifar":
+            size = tuple(cfg["input_size"][1:])
+            train_tf = T.Compose([
+                T.Resize(size), T.RandomCrop(size, padding=size[0] // 8), T.RandomHorizontalFlip(),
+                T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"]),
+            ])
+        else:
+            train_tf = eval_tf
+        return train_tf, eval_tf
+
+    # --- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_tf, eval_tf = self.transforms()
+        train, val = self.make_datasets(train_tf, eval_tf)
+        self.train_set = _subset(train, self.train_limit, self.seed)
+        self.val_set = _subset(val, self.val_limit, self.seed)
+
+    def calibration_batch(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` un-augmented training images (a fixed random draw) for least-squares init."""
+        if n < 1:
+            raise ValueError(f"the least-squares init needs at least 1 image, got {n}")
+        _, eval_tf = self.transforms()
+        train, _ = self.make_datasets(eval_tf, eval_tf)
+        subset = _subset(train, n, self.seed + 1)
+        xs, ys = zip(*(subset[i] for i in range(len(subset))))
+        return torch.stack(xs), torch.as_tensor(ys)
+
+    def _loader(self, train: bool) -> DataLoader:
+        self.setup()
+        dataset, batch_size = (self.train_set, self.batch_size) if train else (self.val_set, self.eval_batch_size)
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=train, num_workers=self.num_workers, drop_last=train,
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """``root/<train_dir>/<class>/*.jpg`` and ``root/<val_dir>/<class>/*.jpg`` (ImageNet layout)."""
+
+    def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(os.path.expanduser(os.path.expandvars(root)))
+        self.train_dir, self.val_dir = train_dir, val_dir
+        self.num_classes = len(self._classes())
+
+    def _folder(self, name: str) -> Path:
+        path = self.root / name
+        if not path.is_dir():
+            raise FileNotFoundError(f"image folder {path} not found (root={self.root}, expected <root>/{name}/<class>/*)")
+        return path
+
+    def _classes(self) -> list[str]:
+        return sorted(d.name for d in self._folder(self.train_dir).iterdir() if d.is_dir())
+
+    def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
+        from torchvision.datasets import ImageFolder
+
+        return ImageFolder(self._folder(self.train_dir), train_tf), ImageFolder(self._folder(self.val_dir), eval_tf)
+
+
+def extract_cifar10_jpeg(archive: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Unpack the shared ``cifar10-jpg.tar.gz`` once (about 2 s) and return the folder holding train/ and test/."""
+    if archive is None:
+        data_dir = os.environ.get(DATA_ENV)
+        if not data_dir:
+            raise FileNotFoundError(f"set {DATA_ENV} to the folder holding cifar10-jpg.tar.gz, or pass archive=")
+        archive = Path(data_dir) / "cifar10-jpg.tar.gz"
+    archive = Path(os.path.expanduser(os.path.expandvars(str(archive))))
+    if not archive.is_file():
+        raise FileNotFoundError(f"CIFAR-10 JPEG archive not found: {archive}")
+    cache = Path(cache_dir or os.environ.get("SNNET_CACHE_DIR", "~/.cache/snnet")).expanduser()
+    target = cache / "cifar10-jpg"
+    done = target / ".complete"
+    if not done.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        done.touch()
+    roots = [p.parent for p in target.rglob("train") if (p.parent / "test").is_dir()]
+    if not roots:
+        raise FileNotFoundError(f"{archive} holds no train/ and test/ folders")
+    return roots[0]
+
+
+class CIFAR10JPEGDataModule(ImageFolderDataModule):
+    """The shared CIFAR-10 JPEG archive (``$SNNET_DATA_DIR/cifar10-jpg.tar.gz``), unpacked to a cache."""
+
+    def __init__(self, archive: str | None = None, cache_dir: str | None = None, **kwargs: Any) -> None:
+        super().__init__(root=str(extract_cifar10_jpeg(archive, cache_dir)), train_dir="train", val_dir="test", **kwargs)
+
+
+class TorchvisionCIFARDataModule(ImageDataModule):
+    """torchvision CIFAR-10 / CIFAR-100 (``download: true`` for users with a network)."""
+
+    VARIANTS = {"cifar10": 10, "cifar100": 100}
+
+    def __init__(self, root: str = "~/.cache/snnet/torchvision", variant: str = "cifar10", download: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if variant not in self.VARIANTS:
+            raise ValueError(f"unknown CIFAR variant {variant!r}; choose one of {tuple(self.VARIANTS)}")
+        self.root, self.variant, self.download = os.path.expanduser(root), variant, download
+        self.num_classes = self.VARIANTS[variant]
+
+    def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if self.variant == "cifar10" else datasets.CIFAR100
+        return (cls(self.root, train=True, transform=train_tf, download=self.download),
+                cls(self.root, train=False, transform=eval_tf, download=self.download))
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 handwritten digits (ships with scikit-learn: no download) as RGB PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image = Image.fromarray(self.images[i]).convert("RGB")
+        return self.transform(image), int(self.labels[i])
+
+
+class DigitsDataModule(ImageDataModule):
+    """The offline quickstart data: 1,797 digits, a fixed 80/20 split, upsampled by the transform."""
+
+    num_classes = 10
+
+    def __init__(
+        self, val_fraction: float = 0.2, train_transform: Literal["timm", "cifar", "eval"] = "eval", **kwargs: Any
+    ) -> None:
+        # "eval" by default: flips and crops change what a digit means.
+        super().__init__(train_transform=train_transform, **kwargs)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.val_fraction = val_fraction
+
+    def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234)).numpy()
+        n_val = int(round(len(images) * self.val_fraction))
+        val, train = order[:n_val], order[n_val:]
+        return (DigitsDataset(images[train], digits.target[train], train_tf),
+                DigitsDataset(images[val], digits.target[val], eval_tf))

@@ -1,0 +1,301 @@
+"""The SN-Net LightningModule: joint training of all stitches with distillation.
+
+Each step trains one configuration, drawn from (seed, global step) so that every DDP rank and a
+resumed run agree. Validation scores a chosen subset of configurations per epoch.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from snnet.anchors import NetworkConfig, build_network, create_anchor
+from snnet.profile import count_flops, unfused_attention
+from snnet.results import StitchResult
+from snnet.sampling import sample_stitch, sampling_weights
+
+log = logging.getLogger(__name__)
+
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (or SGD with momentum) with linear warmup then cosine decay, stepped per batch.
+
+    Anchors get ``lr * anchor_lr_scale`` (SN-Net's Swin recipe uses 0.1); norms and biases get no
+    weight decay.
+    """
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    anchor_lr_scale: float = 1.0
+    warmup_steps: int = 0
+    min_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation: ``(1 - alpha) * CE + alpha * KD``.
+
+    ``teacher``: ``"largest_anchor"`` (a frozen copy of the slowest anchor), a timm model name, or
+    null for none. ``kind``: ``hard`` (CE to the teacher's argmax, as SN-Net) or ``soft`` (KL with
+    ``temperature``).
+    """
+
+    teacher: str | None = None
+    checkpoint: str | None = None
+    kind: Literal["hard", "soft"] = "hard"
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+
+@dataclass
+class StitchInitConfig:
+    """Least-squares initialisation of the stitching layers at fit start (never redone on resume)."""
+
+    images: int = 100
+    ridge: float = 0.0
+    batch_size: int = 50
+
+
+def _as_config(cls: type, value: Any) -> Any:
+    """Config dataclasses may arrive as mappings (YAML, checkpoints' hparams)."""
+    return value if isinstance(value, cls) else cls(**(value or {}))
+
+
+class SNNetModule(L.LightningModule):
+    """Trains a :class:`~snnet.network.StitchableNetwork` (one stitch per step) and scores every stitch."""
+
+    def __init__(
+        self,
+        network: NetworkConfig,
+        optim: OptimConfig = OptimConfig(),
+        distill: DistillConfig = DistillConfig(),
+        loss: LossConfig = LossConfig(),
+        stitch_init: StitchInitConfig = StitchInitConfig(),
+        sampling: Literal["uniform", "flops"] = "uniform",
+        sampling_groups: int = 10,
+        eval_stitches: Literal["all", "anchors"] | int = "all",
+        seed: int = 0,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim_cfg = _as_config(OptimConfig, optim)
+        self.distill_cfg = _as_config(DistillConfig, distill)
+        self.loss_cfg = _as_config(LossConfig, loss)
+        self.init_cfg = _as_config(StitchInitConfig, stitch_init)
+        self.seed = seed
+        self.net = build_network(_as_config(NetworkConfig, network))
+        self.infos = self.net.table()
+        self.register_buffer("sample_weights", sampling_weights([i.flops for i in self.infos], sampling, sampling_groups), persistent=False)
+        self.register_buffer("stitches_initialised", torch.tensor(False))
+        self.eval_ids = self._eval_ids(eval_stitches)
+        num_classes = self._num_classes()
+        self.val_acc1 = nn.ModuleList(MulticlassAccuracy(num_classes, top_k=1, average="micro") for _ in self.eval_ids)
+        self.val_acc5 = nn.ModuleList(
+            MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro") for _ in self.eval_ids
+        )
+        self.teacher = self._make_teacher(self.distill_cfg)
+        self.mixup = self._make_mixup(self.loss_cfg, num_classes)
+        self.forward_fn = torch.compile(self.net) if compile else self.net
+        self.results: list[StitchResult] = []
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm data config (input size, mean/std, interpolation, crop) of the anchors, for the datamodule."""
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config(model=self.net.anchors[0])
+        cfg["input_size"] = self.net.profiles[0].input_size
+        return cfg
+
+    # --- construction helpers ---------------------------------------------------------------
+    def _num_classes(self) -> int:
+        head = self.net.anchors[-1]
+        return int(getattr(head, "num_classes"))
+
+    def _eval_ids(self, which: str | int) -> list[int]:
+        n, anchors = self.net.num_configs, self.net.num_anchors
+        if which == "all":
+            return list(range(n))
+        if which == "anchors":
+            return list(range(anchors))
+        if isinstance(which, int) and which >= 1:
+            return sorted(set(range(anchors)) | set(range(anchors, n, which)))
+        raise ValueError(f"eval_stitches must be 'all', 'anchors' or a positive int k (anchors + every k-th), got {which!r}")
+
+    def _make_teacher(self, cfg: DistillConfig) -> nn.Module | None:
+        if cfg.teacher is None:
+            return None
+        if not 0.0 <= cfg.alpha <= 1.0:
+            raise ValueError(f"distill.alpha must be in [0, 1], got {cfg.alpha}")
+        if cfg.kind not in ("hard", "soft"):
+            raise ValueError(f"distill.kind must be 'hard' or 'soft', got {cfg.kind!r}")
+        if cfg.teacher == "largest_anchor":
+            teacher = copy.deepcopy(self.net.anchors[-1])
+        else:
+            teacher = create_anchor(cfg.teacher, pretrained=cfg.checkpoint is None, checkpoint=cfg.checkpoint,
+                                    num_classes=self._num_classes())
+        teacher.requires_grad_(False).eval()
+        with torch.no_grad(), unfused_attention(teacher):
+            _, flops = count_flops(teacher, torch.zeros(1, *self.net.profiles[-1].input_size))
+        self.teacher_flops = flops
+        log.info("teacher %s costs %.3f GFLOPs per image (forward only)", cfg.teacher, flops / 1e9)
+        return teacher
+
+    def _make_mixup(self, cfg: LossConfig, num_classes: int):
+        if cfg.mixup <= 0 and cfg.cutmix <= 0:
+            return None
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+    # --- least-squares init -----------------------------------------------------------------
+    def init_stitches(self) -> None:
+        """Fit every stitching layer on un-augmented training images, once per run."""
+        if bool(self.stitches_initialised):
+            return
+        cfg = self.init_cfg
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "calibration_batch"):
+            raise RuntimeError("least-squares init needs a datamodule with calibration_batch(n)")
+        images, _ = dm.calibration_batch(cfg.images)
+        self.net.init_stitches_lstsq(images.split(cfg.batch_size), ridge=cfg.ridge)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in self.net.stitch_layers.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+        self.stitches_initialised.fill_(True)
+
+    def on_fit_start(self) -> None:
+        self.init_stitches()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":
+            self.init_stitches()
+
+    # --- training ---------------------------------------------------------------------------
+    def forward(self, x: Tensor, stitch: int | None = None) -> Tensor:
+        return self.net(x, stitch)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        stitch = sample_stitch(self.sample_weights, self.seed, self.global_step)
+        self.net.set_stitch(stitch)
+        target = y
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)
+        logits = self.forward_fn(x)
+        loss = self._loss(logits, target, x)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/stitch", float(stitch))
+        return loss
+
+    def _loss(self, logits: Tensor, target: Tensor, x: Tensor) -> Tensor:
+        smoothing = self.loss_cfg.label_smoothing
+        if target.ndim == 2:  # soft targets from mixup/cutmix
+            base = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        else:
+            base = F.cross_entropy(logits, target, label_smoothing=smoothing)
+        if self.teacher is None:
+            return base
+        cfg = self.distill_cfg
+        with torch.inference_mode():
+            teacher_logits = self.teacher(x)
+        teacher_logits = teacher_logits.clone()
+        if cfg.kind == "hard":
+            kd = F.cross_entropy(logits, teacher_logits.argmax(dim=-1))
+        else:
+            t = cfg.temperature
+            kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), reduction="batchmean", log_target=True) * t * t
+        return (1 - cfg.alpha) * base + cfg.alpha * kd
+
+    def train(self, mode: bool = True) -> "SNNetModule":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    # --- evaluation -------------------------------------------------------------------------
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        for i, stitch in enumerate(self.eval_ids):
+            logits = self.net(x, stitch)
+            self.val_acc1[i].update(logits, y)
+            self.val_acc5[i].update(logits, y)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.results = []
+        for i, stitch in enumerate(self.eval_ids):
+            info = self.infos[stitch]
+            acc1 = float(self.val_acc1[i].compute()) * 100
+            acc5 = float(self.val_acc5[i].compute()) * 100
+            self.val_acc1[i].reset()
+            self.val_acc5[i].reset()
+            self.results.append(StitchResult(info.id, info.name, info.flops, info.params, info.is_anchor, acc1, acc5))
+        if not self.trainer.sanity_checking and self.results:
+            stage = "test" if self.trainer.state.fn == "test" else "val"
+            metrics = {f"{stage}/acc1_stitch_{r.id:03d}": r.acc1 for r in self.results}
+            metrics[f"{stage}/acc1_mean"] = sum(r.acc1 for r in self.results) / len(self.results)
+            self.log_dict(metrics, sync_dist=False)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.net(x).softmax(-1)
+
+    # --- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        groups = []
+        for params, scale in ((self.net.anchors.parameters(), cfg.anchor_lr_scale), (self.net.stitch_layers.parameters(), 1.0)):
+            decay, no_decay = [], []
+            for p in params:
+                if p.requires_grad:
+                    (no_decay if p.ndim <= 1 else decay).append(p)
+            groups += [
+                {"params": decay, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "lr": cfg.lr * scale, "weight_decay": 0.0},
+            ]
+        groups = [g for g in groups if g["params"]]
+        fused = self.device.type == "cuda"
+        if cfg.name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+        elif cfg.name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=fused)
+        else:
+            raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(cfg.warmup_steps, total - 1)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=cfg.min_lr)
+        if warmup > 0:
+            linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup)
+            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+        else:
+            scheduler = cosine
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,182 @@
+"""Per-stitch results: files (JSON/CSV), the Pareto front, choosing a stitch for a budget, a table
+and a plot. Pure functions over :class:`StitchResult` lists, shared by the callbacks and the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+METRICS: tuple[str, ...] = ("acc1", "acc5")
+COSTS: dict[str, str] = {"gflops": "flops", "params": "params", "latency_ms": "latency_ms"}
+
+
+@dataclass
+class StitchResult:
+    """One configuration's cost (FLOPs per image, 2 per multiply-add; parameters on its path) and scores."""
+
+    id: int
+    name: str
+    flops: int
+    params: int
+    is_anchor: bool
+    acc1: float | None = None
+    acc5: float | None = None
+    latency_ms: float | None = None
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "StitchResult":
+        names = {f.name for f in fields(cls)}
+        missing = {"id", "name", "flops", "params"} - set(row)
+        if missing:
+            raise ValueError(f"result row {row!r} lacks {sorted(missing)}")
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+
+def save_results(results: Sequence[StitchResult], json_path: str | os.PathLike, csv_path: str | os.PathLike | None = None) -> None:
+    rows = [r.to_dict() for r in results]
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(rows, indent=1))
+    if csv_path is not None:
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(StitchResult)])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def load_results(path: str | os.PathLike) -> list[StitchResult]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path} (write one with `snnet validate` or `snnet stitches --json`)")
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path}: expected a non-empty JSON list of stitch results")
+    return [StitchResult.from_dict(r) for r in rows]
+
+
+def _score(r: StitchResult, metric: str) -> float:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    value = getattr(r, metric)
+    if value is None:
+        raise ValueError(f"stitch {r.id} ({r.name}) has no {metric}: select from results written by `snnet validate`")
+    return value
+
+
+def pareto_front(results: Iterable[StitchResult], cost: str = "flops", metric: str = "acc1") -> list[StitchResult]:
+    """Stitches no other stitch beats on both cost (lower) and score (higher), cheapest first."""
+    ranked = sorted(results, key=lambda r: (getattr(r, cost), -_score(r, metric)))
+    front, best = [], -math.inf
+    for r in ranked:
+        score = _score(r, metric)
+        if score > best:
+            front.append(r)
+            best = score
+    return front
+
+
+def select_stitch(
+    results: Sequence[StitchResult],
+    max_gflops: float | None = None,
+    max_params: float | None = None,
+    max_latency_ms: float | None = None,
+    metric: str = "acc1",
+) -> StitchResult:
+    """The most accurate stitch within every given budget (ties: the cheaper in FLOPs)."""
+    budgets = {"gflops": max_gflops, "params": max_params, "latency_ms": max_latency_ms}
+    budgets = {k: v for k, v in budgets.items() if v is not None}
+    if not budgets:
+        raise ValueError("give at least one budget: max_gflops, max_params or max_latency_ms")
+    if "latency_ms" in budgets and any(r.latency_ms is None for r in results):
+        raise ValueError("these results have no latency_ms: measure it with `snnet bench latency` first")
+
+    def cost(r: StitchResult, key: str) -> float:
+        return r.gflops if key == "gflops" else getattr(r, COSTS[key])
+
+    fits = [r for r in results if all(cost(r, k) <= v for k, v in budgets.items())]
+    if not fits:
+        parts = []
+        for key, limit in budgets.items():
+            cheapest = min(results, key=lambda r: cost(r, key))
+            parts.append(f"max {key} {limit:g} is below the cheapest stitch {cheapest.id} ({cheapest.name}) at {cost(cheapest, key):g} {key}")
+        raise ValueError("no stitch fits the budget: " + "; ".join(parts))
+    return max(fits, key=lambda r: (_score(r, metric), -r.flops))
+
+
+def format_rows(results: Sequence[StitchResult]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the human-readable table (GFLOPs, M params, accuracies where measured)."""
+    header = ["id", "name", "GFLOPs", "params (M)"]
+    extra = [(k, label) for k, label in (("acc1", "top-1 %"), ("acc5", "top-5 %"), ("latency_ms", "latency ms"))
+             if any(getattr(r, k) is not None for r in results)]
+    header += [label for _, label in extra]
+    rows = []
+    for r in results:
+        row = [str(r.id), r.name + (" (anchor)" if r.is_anchor else ""), f"{r.gflops:.4f}", f"{r.params / 1e6:.3f}"]
+        row += ["-" if getattr(r, k) is None else f"{getattr(r, k):.2f}" for k, _ in extra]
+        rows.append(row)
+    return header, rows
+
+
+def print_table(results: Sequence[StitchResult], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows = format_rows(results)
+    table = Table(title=title)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 1 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(120, Console().width)).print(table)
+
+
+def markdown_table(results: Sequence[StitchResult]) -> str:
+    header, rows = format_rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_pareto(
+    results: Sequence[StitchResult], path: str | os.PathLike, metric: str = "acc1", title: str | None = None,
+    before: Sequence[StitchResult] | None = None,
+) -> Path:
+    """Accuracy vs GFLOPs of every stitch, anchors marked, Pareto front drawn; ``before`` adds a
+    second series (e.g. after least-squares init, before training)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    series = [(before, "before training", "tab:gray"), (results, "stitches", "tab:blue")] if before else [(results, "stitches", "tab:blue")]
+    for rs, label, color in series:
+        scored = [r for r in rs if getattr(r, metric) is not None]
+        ax.scatter([r.gflops for r in scored], [_score(r, metric) for r in scored], s=14, color=color, alpha=0.7, label=label)
+    scored = [r for r in results if getattr(r, metric) is not None]
+    front = pareto_front(scored, metric=metric)
+    ax.plot([r.gflops for r in front], [_score(r, metric) for r in front], color="tab:blue", lw=1, label="Pareto front")
+    anchors = [r for r in scored if r.is_anchor]
+    ax.scatter([r.gflops for r in anchors], [_score(r, metric) for r in anchors], marker="*", s=140, color="tab:red", label="anchors", zorder=3)
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,15 @@
+"""Pretrain the quickstart anchors (cifar_resnet8/14/20 on scikit-learn digits), offline."""
+import argparse
+
+from snnet.quickstart import QUICKSTART_ANCHORS, pretrain_anchors
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out-dir", default="outputs/quickstart/anchors")
+    parser.add_argument("--anchors", nargs="+", default=list(QUICKSTART_ANCHORS))
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pretrain_anchors(args.out_dir, args.anchors, args.image_size, args.epochs, args.lr, args.seed)
