@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 TRAIN_TRANSFORMS: tuple[str, ...] = ("timm", "cifar", "eval")
 DATA_ENV = "SNNET_DATA_DIR"
@@ -31,6 +31,27 @@ def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
         raise ValueError(f"limit must be a positive number of images or null, got {limit}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     return Subset(dataset, order[:limit].tolist())
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles by a permutation drawn from (seed, epoch), so a resumed run sees the same order;
+    ``skip`` drops the first indices of the next epoch once (resuming mid-epoch). Under DDP,
+    Lightning wraps it in a distributed sampler that splits the indices by rank."""
+
+    def __init__(self, length: int, seed: int, skip: int = 0) -> None:
+        self.length, self.seed, self.skip, self.epoch = length, seed, skip, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.length, generator=generator)[self.skip:]
+        self.skip = 0
+        return iter(order.tolist())
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -70,6 +91,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.resume_skip_batches = 0
 
     # --- what subclasses provide --------------------------------------------------------------
     def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
@@ -123,11 +145,27 @@ class ImageDataModule(L.LightningDataModule):
         xs, ys = zip(*(subset[i] for i in range(len(subset))))
         return torch.stack(xs), torch.as_tensor(ys)
 
+    # --- resuming mid-epoch: the same data order from the next unseen batch -----------------
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # saved at the end of an epoch: nothing to skip
+            done = 0
+        return {"batches_done": int(done), "world_size": trainer.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_skip_batches = state.get("batches_done", 0) * state.get("world_size", 1)
+
     def _loader(self, train: bool) -> DataLoader:
         self.setup()
         dataset, batch_size = (self.train_set, self.batch_size) if train else (self.val_set, self.eval_batch_size)
+        sampler = EpochSampler(len(dataset), self.seed, self.resume_skip_batches * batch_size) if train else None
+        if train:
+            self.resume_skip_batches = 0
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=train, num_workers=self.num_workers, drop_last=train,
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=train,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
         )
 

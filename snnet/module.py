@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+import random
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,6 +80,26 @@ class StitchInitConfig:
     batch_size: int = 50
 
 
+def rng_states() -> dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states as tensors and plain values (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+              "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def _as_config(cls: type, value: Any) -> Any:
     """Config dataclasses may arrive as mappings (YAML, checkpoints' hparams)."""
     return value if isinstance(value, cls) else cls(**(value or {}))
@@ -100,13 +122,19 @@ class SNNetModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        network = _as_config(NetworkConfig, network)
         self.optim_cfg = _as_config(OptimConfig, optim)
         self.distill_cfg = _as_config(DistillConfig, distill)
         self.loss_cfg = _as_config(LossConfig, loss)
         self.init_cfg = _as_config(StitchInitConfig, stitch_init)
         self.seed = seed
-        self.net = build_network(_as_config(NetworkConfig, network))
+        # plain mappings, so checkpoints load with weights_only=True
+        self.save_hyperparameters({
+            "network": asdict(network), "optim": asdict(self.optim_cfg), "distill": asdict(self.distill_cfg),
+            "loss": asdict(self.loss_cfg), "stitch_init": asdict(self.init_cfg), "sampling": sampling,
+            "sampling_groups": sampling_groups, "eval_stitches": eval_stitches, "seed": seed, "compile": compile,
+        })
+        self.net = build_network(network)
         self.infos = self.net.table()
         self.register_buffer("sample_weights", sampling_weights([i.flops for i in self.infos], sampling, sampling_groups), persistent=False)
         self.register_buffer("stitches_initialised", torch.tensor(False))
@@ -120,6 +148,7 @@ class SNNetModule(L.LightningModule):
         self.mixup = self._make_mixup(self.loss_cfg, num_classes)
         self.forward_fn = torch.compile(self.net) if compile else self.net
         self.results: list[StitchResult] = []
+        self.last_stitch: int | None = None
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -194,6 +223,13 @@ class SNNetModule(L.LightningModule):
         if self.trainer.state.fn != "fit":
             self.init_stitches()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["snnet_rng_states"] = rng_states()  # dropout and mixup draws resume exactly
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "snnet_rng_states" in checkpoint:
+            set_rng_states(checkpoint["snnet_rng_states"])
+
     # --- training ---------------------------------------------------------------------------
     def forward(self, x: Tensor, stitch: int | None = None) -> Tensor:
         return self.net(x, stitch)
@@ -202,6 +238,7 @@ class SNNetModule(L.LightningModule):
         x, y = batch
         stitch = sample_stitch(self.sample_weights, self.seed, self.global_step)
         self.net.set_stitch(stitch)
+        self.last_stitch = stitch
         target = y
         if self.mixup is not None:
             x, target = self.mixup(x, y)
@@ -239,8 +276,9 @@ class SNNetModule(L.LightningModule):
     # --- evaluation -------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
+        outputs = self.net.forward_many(x, self.eval_ids)  # shared prefixes computed once
         for i, stitch in enumerate(self.eval_ids):
-            logits = self.net(x, stitch)
+            logits = outputs[stitch]
             self.val_acc1[i].update(logits, y)
             self.val_acc5[i].update(logits, y)
 

@@ -76,6 +76,7 @@ class StitchableNetwork(nn.Module):
         self.configs, self.layer_specs = generate_stitch_configs(depths, kernel_size, stride, nearest)
         self.stitch_layers = nn.ModuleList([self._make_layer(spec) for spec in self.layer_specs])
         self._paths = [self._resolve(c) for c in self.configs]
+        self._prefix_tree = _PrefixTree([self._path_keys(c) for c in self.configs], self._key_module)
         self.stitch_id = 0
         self.infos = [self._info(c) for c in self.configs]
 
@@ -114,6 +115,26 @@ class StitchableNetwork(nn.Module):
             if layer is not None:
                 modules.append(self.stitch_layers[layer])
         return _Path(self.views[config.anchors[0]].stem, modules, self.views[config.anchors[-1]].head)
+
+    def _path_keys(self, config: StitchConfig) -> tuple[tuple, ...]:
+        """The path as hashable steps, so paths that share a prefix share its computation."""
+        keys: list[tuple] = [("stem", config.anchors[0])]
+        for anchor, start, stop, layer in self._segments(config):
+            keys.extend(("block", anchor, b) for b in range(start, stop))
+            if layer is not None:
+                keys.append(("layer", layer))
+        keys.append(("head", config.anchors[-1]))
+        return tuple(keys)
+
+    def _key_module(self, key: tuple) -> Callable[[Tensor], Tensor]:
+        kind, index = key[0], key[1]
+        if kind == "stem":
+            return self.views[index].stem
+        if kind == "block":
+            return self.views[index].blocks[key[2]]
+        if kind == "layer":
+            return self.stitch_layers[index]
+        return self.views[index].head
 
     @torch.no_grad()
     def _info(self, config: StitchConfig) -> StitchInfo:
@@ -161,6 +182,15 @@ class StitchableNetwork(nn.Module):
         for module in path.modules:
             x = module(x)
         return path.head(x)
+
+    def forward_many(self, x: Tensor, stitches: Sequence[int]) -> dict[int, Tensor]:
+        """Outputs of several configurations on one batch, each shared prefix computed once.
+
+        Same operations on the same inputs as ``forward(x, s)`` per stitch, so the same results;
+        the saving is every stem, block and stitching layer that several paths share (a front
+        anchor up to block j is computed once for all its stitches, anchors come for free).
+        """
+        return self._prefix_tree.run(x, [self._check_id(s) for s in stitches])
 
     # --- least-squares initialisation ------------------------------------------------------
     @torch.no_grad()
@@ -218,6 +248,33 @@ class StitchableNetwork(nn.Module):
 
     def table(self) -> list[StitchInfo]:
         return list(self.infos)
+
+
+class _PrefixTree:
+    """A trie of configuration paths; evaluating a set of paths walks it depth first, holding one
+    activation per tree level (memory grows with depth, not with the number of paths)."""
+
+    def __init__(self, paths: list[tuple[tuple, ...]], module_of: Callable[[tuple], Callable[[Tensor], Tensor]]) -> None:
+        self.paths = paths
+        self.module_of = module_of
+
+    def run(self, x: Tensor, ids: Sequence[int]) -> dict[int, Tensor]:
+        root: dict = {}
+        for i in ids:
+            node = root
+            for key in self.paths[i]:
+                node = node.setdefault(key, {})
+            node.setdefault(None, []).append(i)
+        out: dict[int, Tensor] = {}
+        self._walk(root, x, out)
+        return out
+
+    def _walk(self, node: dict, h: Tensor, out: dict[int, Tensor]) -> None:
+        for key, child in node.items():
+            if key is None:
+                out.update(dict.fromkeys(child, h))
+            else:
+                self._walk(child, self.module_of(key)(h), out)
 
 
 def _unique(names: list[str]) -> list[str]:

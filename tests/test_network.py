@@ -127,3 +127,14 @@ def test_cross_family_lstsq_matches_direct_solution():
     torch.testing.assert_close(fitted.reshape(rows.shape[0], -1), (design @ solution).float(), rtol=1e-3, atol=1e-3)
     for i in range(net.num_configs):
         assert net(x, stitch=i).shape == (6, 10)
+
+
+def test_forward_many_equals_one_stitch_at_a_time(vit_net):
+    x = torch.randn(3, 3, 32, 32)
+    ids = list(range(vit_net.num_configs))
+    with torch.no_grad():
+        many = vit_net.forward_many(x, ids[::-1])
+        for s in ids:
+            assert torch.equal(many[s], vit_net(x, s)), s
+    with pytest.raises(IndexError, match="out of range"):
+        vit_net.forward_many(x, [vit_net.num_configs])

@@ -1,0 +1,53 @@
+"""DataModules: the offline digits, the shared CIFAR-10 JPEG folders, transforms from timm."""
+import pytest
+import torch
+
+from snnet.data import CIFAR10JPEGDataModule, DigitsDataModule, ImageFolderDataModule, TorchvisionCIFARDataModule
+
+
+def digits(**kw):
+    cfg = {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bilinear", "crop_pct": 1.0}
+    return DigitsDataModule(data_config=cfg, batch_size=32, num_workers=0, **kw)
+
+
+def test_digits_split_is_fixed_disjoint_and_sized_by_the_data_config():
+    dm = digits()
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 1797 and len(dm.val_set) == 359
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 3, 16, 16) and x.dtype == torch.float32 and y.max() <= 9
+    train_images = {tuple(dm.train_set.images[i].ravel()) for i in range(len(dm.train_set))}
+    val_images = [tuple(dm.val_set.images[i].ravel()) for i in range(len(dm.val_set))]
+    assert sum(v in train_images for v in val_images) < 10  # a few digits are pixel-identical duplicates
+
+
+def test_calibration_batch_is_deterministic_unaugmented_and_mixed():
+    dm = digits(train_transform="timm")
+    x1, y1 = dm.calibration_batch(40)
+    x2, y2 = dm.calibration_batch(40)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert len(y1.unique()) >= 5
+
+
+def test_limits_and_bad_values():
+    dm = digits(train_limit=100, val_limit=50)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set)) == (100, 50)
+    with pytest.raises(ValueError, match="unknown train_transform 'fancy'"):
+        digits(train_transform="fancy")
+    with pytest.raises(ValueError, match="data_config is not set"):
+        DigitsDataModule().setup()
+    with pytest.raises(ValueError, match="unknown CIFAR variant 'cifar11'"):
+        TorchvisionCIFARDataModule(variant="cifar11")
+    with pytest.raises(FileNotFoundError, match="image folder"):
+        ImageFolderDataModule("/nonexistent/imagenet")
+
+
+def test_cifar10_jpeg_folders(cifar10_root, cifar_data_config):
+    # archive=None: found through $SNNET_DATA_DIR, unpacked once to the cache
+    dm = CIFAR10JPEGDataModule(data_config=cifar_data_config, num_workers=0, batch_size=16, train_transform="cifar")
+    dm.setup()
+    assert dm.num_classes == 10 and len(dm.train_set) == 50_000 and len(dm.val_set) == 10_000
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32)
+    assert dm.train_set.classes[:3] == ["airplane", "automobile", "bird"]

@@ -1,0 +1,70 @@
+"""Results files, the Pareto front and choosing a stitch for a budget."""
+import json
+import random
+
+import pytest
+
+from snnet.results import StitchResult, load_results, pareto_front, plot_pareto, save_results, select_stitch
+
+
+def make_results(n=30, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        flops = rng.randint(1, 100) * 10**8
+        out.append(StitchResult(i, f"s{i}", flops, flops // 10, i < 3, acc1=rng.uniform(50, 90), acc5=rng.uniform(90, 100)))
+    return out
+
+
+def test_pareto_front_is_exactly_the_undominated_set():
+    results = make_results()
+    front = pareto_front(results)
+    dominated = {
+        r.id for r in results
+        if any(o.flops <= r.flops and o.acc1 >= r.acc1 and (o.flops, o.acc1) != (r.flops, r.acc1) for o in results)
+    }
+    assert {r.id for r in front} == {r.id for r in results} - dominated
+    assert [r.flops for r in front] == sorted(r.flops for r in front)
+    assert [r.acc1 for r in front] == sorted(r.acc1 for r in front)
+
+
+def test_select_is_the_most_accurate_within_every_budget():
+    results = make_results()
+    for budget in (2.0, 5.0, 9.0):
+        best = select_stitch(results, max_gflops=budget)
+        within = [r for r in results if r.gflops <= budget]
+        assert best.acc1 == max(r.acc1 for r in within) and best.gflops <= budget
+    both = select_stitch(results, max_gflops=8.0, max_params=3e8)
+    assert both.gflops <= 8.0 and both.params <= 3e8
+    assert both.acc1 == max(r.acc1 for r in results if r.gflops <= 8.0 and r.params <= 3e8)
+
+
+def test_budget_below_cheapest_names_the_cheapest_stitch():
+    results = make_results()
+    cheapest = min(results, key=lambda r: r.flops)
+    with pytest.raises(ValueError, match=rf"cheapest stitch {cheapest.id} \({cheapest.name}\)"):
+        select_stitch(results, max_gflops=cheapest.gflops / 2)
+    with pytest.raises(ValueError, match="at least one budget"):
+        select_stitch(results)
+    with pytest.raises(ValueError, match="latency"):
+        select_stitch(results, max_latency_ms=1.0)
+    with pytest.raises(ValueError, match="unknown metric 'top1'"):
+        select_stitch(results, max_gflops=100, metric="top1")
+
+
+def test_results_round_trip_through_json_and_csv(tmp_path):
+    results = make_results(5)
+    save_results(results, tmp_path / "r.json", tmp_path / "r.csv")
+    assert load_results(tmp_path / "r.json") == results
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines[0].startswith("id,name,flops,params,is_anchor,acc1,acc5") and len(lines) == 6
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": 0}]))
+    with pytest.raises(ValueError, match="lacks"):
+        load_results(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_results(tmp_path / "nope.json")
+
+
+def test_pareto_plot_is_a_png(tmp_path):
+    path = plot_pareto(make_results(), tmp_path / "p.png", before=make_results(seed=1))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
