@@ -59,6 +59,7 @@ class DistillConfig:
 
     teacher: str | None = None
     checkpoint: str | None = None
+    pretrained: bool = True  # hub weights for a teacher given by timm name (ignored with a checkpoint)
     kind: Literal["hard", "soft"] = "hard"
     alpha: float = 0.5
     temperature: float = 1.0
@@ -184,7 +185,7 @@ class SNNetModule(L.LightningModule):
         if cfg.teacher == "largest_anchor":
             teacher = copy.deepcopy(self.net.anchors[-1])
         else:
-            teacher = create_anchor(cfg.teacher, pretrained=cfg.checkpoint is None, checkpoint=cfg.checkpoint,
+            teacher = create_anchor(cfg.teacher, pretrained=cfg.pretrained and cfg.checkpoint is None, checkpoint=cfg.checkpoint,
                                     num_classes=self._num_classes())
         teacher.requires_grad_(False).eval()
         with torch.no_grad(), unfused_attention(teacher):
