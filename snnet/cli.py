@@ -15,7 +15,7 @@ LIGHTNING_COMMANDS = {
     "fit": "Train all stitches jointly (least-squares init at start).",
     "validate": "Score every stitch on the validation set; write results JSON/CSV and a Pareto plot.",
     "test": "Score every stitch on the test set.",
-    "predict": "Predict with one stitch (model.init_args.predict_stitch).",
+    "predict": "Predict class probabilities with the active stitch (id 0 unless set).",
 }
 
 

@@ -27,6 +27,14 @@ class AnchorDepths:
     stitch_stages: tuple[int, ...]
     isotropic: bool
 
+    def __post_init__(self) -> None:
+        bad = [s for s in self.stitch_stages if not 0 <= s < len(self.stage_depths)]
+        if bad:
+            raise ValueError(
+                f"stitch stages {bad} do not exist: these anchors have stages 0..{len(self.stage_depths) - 1} "
+                f"with depths {self.stage_depths}"
+            )
+
     def stage_offset(self, stage: int) -> int:
         return sum(self.stage_depths[:stage])
 
