@@ -107,3 +107,17 @@ def test_bad_config_values_name_the_choices():
 
         NetworkConfig(anchors=["cifar_resnet21"])
     assert LossConfig().mixup == 0.0
+
+
+def test_mixup_gives_soft_targets_and_a_training_step_runs(tmp_path):
+    module = SNNetModule(network=tiny_module().hparams.network, loss=LossConfig(mixup=0.8, cutmix=1.0, label_smoothing=0.1))
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    mixed, target = module.mixup(x, y)
+    assert target.shape == (8, 10) and torch.allclose(target.sum(-1), torch.ones(8))
+    logits = torch.randn(8, 10)
+    expected = -(target * logits.log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(module._loss(logits, target, mixed), expected)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                        enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, tiny_data(module))
+    assert trainer.global_step == 2
