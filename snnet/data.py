@@ -19,6 +19,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from snnet.anchors import expand_path
+
 TRAIN_TRANSFORMS: tuple[str, ...] = ("timm", "cifar", "eval")
 DATA_ENV = "SNNET_DATA_DIR"
 
@@ -187,7 +189,7 @@ class ImageFolderDataModule(ImageDataModule):
 
     def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.root = Path(os.path.expanduser(os.path.expandvars(root)))
+        self.root = expand_path(root)
         self.train_dir, self.val_dir = train_dir, val_dir
         self.num_classes = len(self._classes())
 
@@ -213,7 +215,7 @@ def extract_cifar10_jpeg(archive: str | os.PathLike | None = None, cache_dir: st
         if not data_dir:
             raise FileNotFoundError(f"set {DATA_ENV} to the folder holding cifar10-jpg.tar.gz, or pass archive=")
         archive = Path(data_dir) / "cifar10-jpg.tar.gz"
-    archive = Path(os.path.expanduser(os.path.expandvars(str(archive))))
+    archive = expand_path(archive)
     if not archive.is_file():
         raise FileNotFoundError(f"CIFAR-10 JPEG archive not found: {archive}")
     cache = Path(cache_dir or os.environ.get("SNNET_CACHE_DIR", "~/.cache/snnet")).expanduser()
