@@ -44,7 +44,8 @@ def create_anchor(name: str, pretrained: bool = False, checkpoint: str | None = 
 class NetworkConfig:
     """Which anchors to stitch and how (SN-Net's defaults: kernel 2, stride 1, nearest pairs).
 
-    ``checkpoints`` gives one local file (or null) per anchor; ``model_kwargs`` go to every
+    ``checkpoints`` gives one local file (or null) per anchor, or is empty/null for none (on the
+    command line ``--model.network.checkpoints []``); ``model_kwargs`` go to every
     ``timm.create_model`` call (e.g. ``num_classes``, ``img_size``).
     """
 
@@ -61,7 +62,7 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         if not self.anchors:
             raise ValueError("network.anchors is empty: list at least one timm model name")
-        if self.checkpoints is not None and len(self.checkpoints) != len(self.anchors):
+        if self.checkpoints and len(self.checkpoints) != len(self.anchors):
             raise ValueError(
                 f"network.checkpoints has {len(self.checkpoints)} entries for {len(self.anchors)} anchors {self.anchors}"
             )

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Sequence
 
+from lightning import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 LIGHTNING_COMMANDS = {
@@ -20,19 +21,24 @@ LIGHTNING_COMMANDS = {
 
 
 class SNNetCLI(LightningCLI):
-    """LightningCLI with the datamodule sized from the anchors' pretrained data config."""
+    """LightningCLI with the datamodule sized from the model's data config.
+
+    The model is chosen by ``model.class_path`` in the config (``snnet.module.SNNetModule`` for
+    SN-Net, other snnet modules for the other methods); each exposes ``data_config``.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.data_config", "data.init_args.data_config", apply_on="instantiate")
 
 
-def lightning_main(args: Sequence[str] | None) -> None:
-    from snnet.module import SNNetModule
-
-    SNNetCLI(
-        SNNetModule,
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> SNNetCLI:
+    """The LightningCLI behind fit/validate/test/predict (``run=False``: parse and instantiate only)."""
+    return SNNetCLI(
+        LightningModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         args=None if args is None else list(args),
+        run=run,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
@@ -60,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     command = argv[0]
     if command in LIGHTNING_COMMANDS:
-        lightning_main(None if from_command_line else argv)
+        build_cli(None if from_command_line else argv)
     elif command in COMMANDS:
         COMMANDS[command][0](argv[1:])
     else:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from snnet.cli import SNNetCLI
+from snnet.cli import build_cli
 from snnet.module import SNNetModule
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -34,15 +34,14 @@ def tiny_image_folder(tmp_path_factory):
 
 
 def cli(args):
-    return SNNetCLI(SNNetModule, subclass_mode_data=True, args=args, run=False, save_config_kwargs={"overwrite": True},
-                    parser_kwargs={"default_env": False})
+    return build_cli(args, run=False)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_CONFIGS))
 def test_config_prints(name, capsys, monkeypatch):
     monkeypatch.setenv("SNNET_ANCHOR_DIR", "/anchors")
     with pytest.raises(SystemExit) as exit_info:
-        SNNetCLI(SNNetModule, subclass_mode_data=True, args=["fit", "--config", str(CONFIGS / name), "--print_config"])
+        build_cli(["fit", "--config", str(CONFIGS / name), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "network:" in capsys.readouterr().out
 
@@ -51,12 +50,13 @@ def test_config_prints(name, capsys, monkeypatch):
 @pytest.mark.parametrize("name", sorted(EXPECTED_CONFIGS))
 def test_config_builds_with_random_weights_and_tiny_data(name, tiny_image_folder, tmp_path):
     args = ["--config", str(CONFIGS / name), "--model.network.pretrained", "false",
-            "--model.network.checkpoints", "null", "--model.distill.pretrained", "false",
+            "--model.network.checkpoints", "[]", "--model.distill.pretrained", "false",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
     if name != "quickstart.yaml":
         args += ["--data", "snnet.data.ImageFolderDataModule", "--data.init_args.root", str(tiny_image_folder),
                  "--data.init_args.val_dir", "val"]
     built = cli(args)
+    assert isinstance(built.model, SNNetModule)
     assert built.model.net.num_configs == EXPECTED_CONFIGS[name]
     assert built.datamodule.data_config["input_size"] == built.model.net.profiles[0].input_size
     built.datamodule.setup()
