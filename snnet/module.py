@@ -20,6 +20,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from snnet.anchors import NetworkConfig, build_network, create_anchor
+from snnet.compile import compile_stitchable
 from snnet.profile import count_flops, unfused_attention
 from snnet.results import StitchResult
 from snnet.sampling import sample_stitch, sampling_weights
@@ -121,6 +122,7 @@ class SNNetModule(L.LightningModule):
         eval_stitches: Literal["all", "anchors"] | int = "all",
         seed: int = 0,
         compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         network = _as_config(NetworkConfig, network)
@@ -134,6 +136,7 @@ class SNNetModule(L.LightningModule):
             "network": asdict(network), "optim": asdict(self.optim_cfg), "distill": asdict(self.distill_cfg),
             "loss": asdict(self.loss_cfg), "stitch_init": asdict(self.init_cfg), "sampling": sampling,
             "sampling_groups": sampling_groups, "eval_stitches": eval_stitches, "seed": seed, "compile": compile,
+            "compile_options": compile_options,
         })
         self.net = build_network(network)
         self.infos = self.net.table()
@@ -147,7 +150,9 @@ class SNNetModule(L.LightningModule):
         )
         self.teacher = self._make_teacher(self.distill_cfg)
         self.mixup = self._make_mixup(self.loss_cfg, num_classes)
-        self.forward_fn = torch.compile(self.net) if compile else self.net
+        # compiled: one graph per configuration (bounded, reused on every revisit); the teacher too
+        self.forward_fn = compile_stitchable(self.net, **(compile_options or {})) if compile else self.net
+        self.teacher_fn = torch.compile(self.teacher, **(compile_options or {})) if compile and self.teacher is not None else self.teacher
         self.results: list[StitchResult] = []
         self.last_stitch: int | None = None
 
@@ -259,7 +264,7 @@ class SNNetModule(L.LightningModule):
             return base
         cfg = self.distill_cfg
         with torch.inference_mode():
-            teacher_logits = self.teacher(x)
+            teacher_logits = self.teacher_fn(x)
         teacher_logits = teacher_logits.clone()
         if cfg.kind == "hard":
             kd = F.cross_entropy(logits, teacher_logits.argmax(dim=-1))

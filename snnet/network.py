@@ -192,6 +192,22 @@ class StitchableNetwork(nn.Module):
         """
         return self._prefix_tree.run(x, [self._check_id(s) for s in stitches])
 
+    def forward_many_flops(self, stitches: Sequence[int]) -> int:
+        """FLOPs per image of ``forward_many(x, stitches)``: every distinct prefix step counted once
+        (one stitch at a time costs ``sum(self.infos[s].flops)``)."""
+        steps = self._prefix_tree.steps([self._check_id(s) for s in stitches])
+        layer_flops = {key[1]: self._layer_flops(key[1]) for key in steps if key[0] == "layer"}
+        return sum(self._key_flops(key, layer_flops) for key in steps)
+
+    def _key_flops(self, key: tuple, layer_flops: dict[int, int]) -> int:
+        kind, index = key[0], key[1]
+        if kind == "layer":
+            return layer_flops[index]
+        profile = self.profiles[index]
+        if kind == "block":
+            return profile.block_flops[key[2]]
+        return profile.stem_flops if kind == "stem" else profile.head_flops
+
     # --- least-squares initialisation ------------------------------------------------------
     @torch.no_grad()
     def anchor_features(self, anchor: int, x: Tensor) -> list[Tensor]:
@@ -246,6 +262,19 @@ class StitchableNetwork(nn.Module):
         log.info("least-squares initialised %d stitching layers on %d images", len(self.layer_specs), images)
         return images
 
+    def path_parameters(self, stitch: int) -> list[nn.Parameter]:
+        """The parameters configuration ``stitch`` uses (first anchor's stem, blocks, stitching
+        layers, last anchor's head), each once: what training that sub-network alone would update."""
+        config = self.configs[self._check_id(stitch)]
+        first, last = self.views[config.anchors[0]], self.views[config.anchors[-1]]
+        not_stem = {id(p) for m in [*first.blocks, *first.head_modules] for p in m.parameters()}
+        params = {id(p): p for p in first.model.parameters() if id(p) not in not_stem}
+        for anchor, start, stop, layer in self._segments(config):
+            modules = self.views[anchor].blocks[start:stop] + ([self.stitch_layers[layer]] if layer is not None else [])
+            params.update((id(p), p) for m in modules for p in m.parameters())
+        params.update((id(p), p) for m in last.head_modules for p in m.parameters())
+        return list(params.values())
+
     def table(self) -> list[StitchInfo]:
         return list(self.infos)
 
@@ -268,6 +297,11 @@ class _PrefixTree:
         out: dict[int, Tensor] = {}
         self._walk(root, x, out)
         return out
+
+    def steps(self, ids: Sequence[int]) -> list[tuple]:
+        """The last key of every distinct prefix of these paths: the steps ``run`` computes."""
+        prefixes = {self.paths[i][:n] for i in ids for n in range(1, len(self.paths[i]) + 1)}
+        return [prefix[-1] for prefix in prefixes]
 
     def _walk(self, node: dict, h: Tensor, out: dict[int, Tensor]) -> None:
         for key, child in node.items():

@@ -18,7 +18,7 @@ class RecordStitches(L.Callback):
         self.stitches.append(module.last_stitch)
 
 
-def tiny_module(seed: int = 0, teacher: str | None = "largest_anchor") -> SNNetModule:
+def tiny_module(seed: int = 0, teacher: str | None = "largest_anchor", **kwargs) -> SNNetModule:
     L.seed_everything(seed)
     return SNNetModule(
         network=NetworkConfig(anchors=["cifar_resnet8", "cifar_resnet14"], pretrained=False, input_size=(3, 16, 16)),
@@ -26,6 +26,7 @@ def tiny_module(seed: int = 0, teacher: str | None = "largest_anchor") -> SNNetM
         distill=DistillConfig(teacher=teacher),
         stitch_init=StitchInitConfig(images=32, batch_size=16),
         seed=seed,
+        **kwargs,
     )
 
 

@@ -138,3 +138,15 @@ def test_forward_many_equals_one_stitch_at_a_time(vit_net):
             assert torch.equal(many[s], vit_net(x, s)), s
     with pytest.raises(IndexError, match="out of range"):
         vit_net.forward_many(x, [vit_net.num_configs])
+
+
+def test_path_parameters_are_exactly_those_a_step_updates(vit_net):
+    x = torch.randn(2, 3, 32, 32)
+    for stitch in range(vit_net.num_configs):
+        vit_net.zero_grad(set_to_none=True)
+        vit_net(x, stitch).sum().backward()
+        with_grad = {id(p) for p in vit_net.parameters() if p.grad is not None}
+        params = vit_net.path_parameters(stitch)
+        assert {id(p) for p in params} == with_grad, stitch
+        assert sum(p.numel() for p in params) == vit_net.infos[stitch].params
+    vit_net.zero_grad(set_to_none=True)
