@@ -140,8 +140,18 @@ def print_table(results: Sequence[StitchResult], title: str | None = None) -> No
     Console(width=max(120, Console().width)).print(table)
 
 
-def markdown_table(results: Sequence[StitchResult]) -> str:
+def markdown_table(results: Sequence[StitchResult], before: Sequence[StitchResult] | None = None, metric: str = "acc1") -> str:
+    """The table as Markdown; ``before`` (matched by id) adds its ``metric`` and the change."""
     header, rows = format_rows(results)
+    if before is not None:
+        earlier = {r.id: r for r in before}
+        missing = sorted({r.id for r in results} - set(earlier))
+        if missing:
+            raise ValueError(f"before-results lack stitch ids {missing}")
+        header += [f"{metric} before", "change"]
+        for r, row in zip(results, rows):
+            old, new = _score(earlier[r.id], metric), _score(r, metric)
+            row += [f"{old:.2f}", f"{new - old:+.2f}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from snnet.results import StitchResult, load_results, pareto_front, plot_pareto, save_results, select_stitch
+from snnet.results import StitchResult, load_results, markdown_table, pareto_front, plot_pareto, save_results, select_stitch
 
 
 def make_results(n=30, seed=0):
@@ -68,3 +68,18 @@ def test_results_round_trip_through_json_and_csv(tmp_path):
 def test_pareto_plot_is_a_png(tmp_path):
     path = plot_pareto(make_results(), tmp_path / "p.png", before=make_results(seed=1))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_comparison_reports_the_change_per_stitch():
+    before, after = make_results(seed=0), make_results(seed=1)
+    for b, a in zip(before, after):
+        a.flops, a.params, a.name = b.flops, b.params, b.name
+    lines = markdown_table(after, before=before).splitlines()
+    assert lines[0].endswith("| acc1 before | change |")
+    for line, b, a in zip(lines[2:], before, after):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == str(a.id)
+        assert float(cells[-2]) == pytest.approx(b.acc1, abs=0.005)
+        assert float(cells[-1]) == pytest.approx(a.acc1 - b.acc1, abs=0.01)
+    with pytest.raises(ValueError, match=r"lack stitch ids \[29\]"):
+        markdown_table(after, before=before[:-1])

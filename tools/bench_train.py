@@ -1,0 +1,240 @@
+"""Training throughput: SN-Net's stitchable step against the same sub-network trained alone.
+
+For a fixed sample of configurations, alternates (A B A B ...):
+  A  the SN-Net step: ``net.set_stitch(id)``, forward through the StitchableNetwork, loss,
+     backward, AdamW step with the optimizer over *all* parameters (as in joint training);
+  B  the plain step: the same modules as an ordinary ``nn.Sequential``, AdamW over that
+     sub-network's parameters only (what training it alone would be);
+with the same batch, precision, compile setting and optimizer settings. Reports median img/s per
+configuration and the ratio A/B time (the stitching overhead). Also times the teacher forward
+(largest anchor, inference mode) and the least-squares init.
+
+    python tools/bench_train.py --family cifar                      # CPU, 32 px
+    python tools/bench_train.py --family deit --precision bf16 --compile --device cuda
+    python tools/bench_train.py --family cifar --markdown BENCHMARKS.md   # append the table
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from snnet.anchors import NetworkConfig, build_network  # noqa: E402
+from snnet.compile import compile_stitchable  # noqa: E402
+from snnet.network import StitchableNetwork  # noqa: E402
+
+FAMILIES: dict[str, dict] = {
+    "cifar": {"anchors": ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56"], "input_size": (3, 32, 32),
+              "model_kwargs": {}, "batch_size": 128},
+    "deit": {"anchors": ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"], "input_size": (3, 224, 224),
+             "model_kwargs": {}, "batch_size": 128},
+}
+
+
+class Call(nn.Module):
+    """A view's stem or head (a function over the anchor's modules) as a module in a Sequential."""
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def plain_subnetwork(net: StitchableNetwork, stitch: int) -> nn.Sequential:
+    """Configuration ``stitch`` as an ordinary Sequential of the very same modules (shared weights)."""
+    path = net._paths[stitch]
+    return nn.Sequential(Call(path.stem), *path.modules, Call(path.head))
+
+
+@dataclass
+class Step:
+    """One training step of ``forward`` with its own optimizer; ``before`` runs first (the switch)."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    before: Callable[[], None] = lambda: None
+
+
+def adamw(params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
+
+
+def run_steps(step: Step, x: torch.Tensor, y: torch.Tensor, count: int, autocast: contextlib.AbstractContextManager) -> float:
+    """Seconds for ``count`` training steps (device synchronised)."""
+    sync(x.device)
+    start = time.perf_counter()
+    for _ in range(count):
+        step.before()
+        with autocast:
+            loss = F.cross_entropy(step.forward(x), y)
+        loss.backward()
+        step.optimizer.step()
+        step.optimizer.zero_grad(set_to_none=True)
+    sync(x.device)
+    return time.perf_counter() - start
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sample_configs(net: StitchableNetwork, count: int) -> list[int]:
+    """A fixed, spread sample: the smallest and largest anchor and evenly spaced stitches."""
+    stitches = list(range(net.num_anchors, net.num_configs))
+    k = min(max(count - 2, 0), len(stitches))
+    picks = [stitches[i * (len(stitches) - 1) // max(1, k - 1)] for i in range(k)]
+    return sorted({0, net.num_anchors - 1, *picks})
+
+
+def time_teacher(net: StitchableNetwork, x: torch.Tensor, precision: str, compile: bool, repeats: int) -> float:
+    """img/s of the largest anchor's forward in inference mode (the distillation teacher)."""
+    teacher = net.anchors[-1].eval()
+    forward = torch.compile(teacher) if compile else teacher
+    autocast = autocast_for(x.device, precision)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 2):
+            sync(x.device)
+            start = time.perf_counter()
+            with autocast:
+                forward(x)
+            sync(x.device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    teacher.train()
+    return x.shape[0] / statistics.median(times)
+
+
+def time_lstsq_init(net: StitchableNetwork, images: int, batch_size: int, device: torch.device) -> float:
+    x = torch.randn(images, *net.profiles[0].input_size, device=device)
+    sync(device)
+    start = time.perf_counter()
+    net.init_stitches_lstsq(x.split(batch_size))
+    sync(device)
+    return time.perf_counter() - start
+
+
+def versions() -> str:
+    import lightning
+    import timm
+
+    return f"torch {torch.__version__}, lightning {lightning.__version__}, timm {timm.__version__}, Python {platform.python_version()}"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {torch.get_num_threads()} CPU threads"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="cifar")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--configs", type=int, default=4, help="how many configurations to sample (anchors 0 and last included)")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per timed block")
+    parser.add_argument("--rounds", type=int, default=5, help="A B blocks per configuration (median over rounds)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both A (one graph per configuration) and B")
+    parser.add_argument("--lstsq-images", type=int, default=100)
+    parser.add_argument("--markdown", type=Path, help="append the results as a section of this file (e.g. BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+
+    import snnet.models  # noqa: F401  (registers the CIFAR ResNets)
+
+    device = torch.device(args.device)
+    family = FAMILIES[args.family]
+    batch_size = args.batch_size or family["batch_size"]
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(anchors=family["anchors"], pretrained=False, model_kwargs=family["model_kwargs"],
+                                      input_size=family["input_size"])).to(device).train()
+    x = torch.randn(batch_size, *family["input_size"], device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    autocast = autocast_for(device, args.precision)
+    ids = sample_configs(net, args.configs)
+    print(f"{args.family}: {net.num_configs} configurations, timing ids {ids}, batch {batch_size}, {args.precision}, "
+          f"compile={args.compile}, {machine(device)}")
+
+    stitchable = compile_stitchable(net) if args.compile else net
+    joint = Step(stitchable, adamw(list(net.parameters()), device))
+    rows = []
+    for stitch in ids:
+        joint.before = lambda s=stitch: net.set_stitch(s)
+        sub = plain_subnetwork(net, stitch)
+        plain = Step(torch.compile(sub) if args.compile else sub, adamw(net.path_parameters(stitch), device))
+        warm = time.perf_counter()
+        for step in (joint, plain):  # warm-up: compilation, allocator, optimizer state
+            run_steps(step, x, y, 2, autocast)
+        warm = time.perf_counter() - warm
+        a_times, b_times = [], []
+        for _ in range(args.rounds):
+            a_times.append(run_steps(joint, x, y, args.steps, autocast))
+            b_times.append(run_steps(plain, x, y, args.steps, autocast))
+        a, b = statistics.median(a_times), statistics.median(b_times)
+        imgs = batch_size * args.steps
+        rows.append((stitch, net.infos[stitch].name, net.infos[stitch].flops / 1e9, imgs / a, imgs / b, a / b, warm))
+        print(f"  id {stitch:3d} {net.infos[stitch].name:<28} stitchable {imgs / a:8.1f} img/s  plain {imgs / b:8.1f} img/s  "
+              f"ratio {a / b:.3f}  warm-up {warm:.1f} s")
+    teacher = time_teacher(net, x, args.precision, args.compile, repeats=args.rounds)
+    lstsq = time_lstsq_init(net, args.lstsq_images, 50, device)
+    overhead = statistics.median(r[5] for r in rows)
+    print(f"teacher ({net.anchor_names[-1]}) forward: {teacher:.1f} img/s; LS init of {len(net.stitch_layers)} layers on "
+          f"{args.lstsq_images} images: {lstsq:.2f} s; median stitching overhead {100 * (overhead - 1):+.1f}%")
+    if args.markdown:
+        append_markdown(args, rows, teacher, lstsq, net, device, batch_size, overhead)
+
+
+def append_markdown(args, rows, teacher: float, lstsq: float, net: StitchableNetwork, device: torch.device,
+                    batch_size: int, overhead: float) -> None:
+    command = "python tools/bench_train.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"\n## Training step: stitchable vs plain sub-network ({args.family}, {args.precision}, "
+        f"{'compiled' if args.compile else 'eager'}, {device.type})\n",
+        f"- date: {datetime.date.today()}; machine: {machine(device)}; {versions()}",
+        f"- command: `{command}`",
+        f"- batch {batch_size}, {args.steps} steps per block, {args.rounds} A/B rounds per configuration, median; "
+        f"{net.num_configs} configurations in the family\n",
+        "| id | configuration | GFLOPs | stitchable img/s | plain img/s | time ratio |",
+        "|---:|---|---:|---:|---:|---:|",
+        *[f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.3f} |" for r in rows],
+        "",
+        f"Median stitching overhead: {100 * (overhead - 1):+.1f}%. Teacher ({net.anchor_names[-1]}, inference mode) "
+        f"forward: {teacher:.1f} img/s. Least-squares init of {len(net.stitch_layers)} stitching layers on "
+        f"{args.lstsq_images} images: {lstsq:.2f} s.",
+    ]
+    with open(args.markdown, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
