@@ -16,7 +16,7 @@ LIGHTNING_COMMANDS = {
     "fit": "Train all stitches jointly (least-squares init at start).",
     "validate": "Score every stitch on the validation set; write results JSON/CSV and a Pareto plot.",
     "test": "Score every stitch on the test set.",
-    "predict": "Predict class probabilities with the active stitch (id 0 unless set).",
+    "predict": "Predict class probabilities with one stitch: model.init_args.predict.stitch, or a budget (predict.max_gflops ... with predict.results).",
 }
 
 

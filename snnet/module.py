@@ -20,7 +20,9 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from snnet.anchors import NetworkConfig, build_network, create_anchor
+from snnet.choice import StitchChoice
 from snnet.compile import compile_stitchable
+from snnet.optim import decay_groups, warmup_cosine
 from snnet.profile import count_flops, unfused_attention
 from snnet.results import StitchResult
 from snnet.sampling import sample_stitch, sampling_weights
@@ -123,6 +125,7 @@ class SNNetModule(L.LightningModule):
         seed: int = 0,
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
+        predict: StitchChoice = StitchChoice(),
     ) -> None:
         super().__init__()
         network = _as_config(NetworkConfig, network)
@@ -131,12 +134,16 @@ class SNNetModule(L.LightningModule):
         self.loss_cfg = _as_config(LossConfig, loss)
         self.init_cfg = _as_config(StitchInitConfig, stitch_init)
         self.seed = seed
+        self.predict_choice = _as_config(StitchChoice, predict)
         # plain mappings, so checkpoints load with weights_only=True
         self.save_hyperparameters({
             "network": asdict(network), "optim": asdict(self.optim_cfg), "distill": asdict(self.distill_cfg),
             "loss": asdict(self.loss_cfg), "stitch_init": asdict(self.init_cfg), "sampling": sampling,
             "sampling_groups": sampling_groups, "eval_stitches": eval_stitches, "seed": seed, "compile": compile,
             "compile_options": compile_options,
+            # LightningCLI rebuilds the module from a checkpoint (--ckpt_path) by this class path; the predict
+            # choice is left out on purpose: a deployment option, so the command line's wins over the checkpoint
+            "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
         })
         self.net = build_network(network)
         self.infos = self.net.table()
@@ -309,6 +316,10 @@ class SNNetModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
 
+    def on_predict_start(self) -> None:
+        """Run the chosen stitch: ``predict.stitch``, or the most accurate within ``predict``'s budget."""
+        self.net.set_stitch(self.predict_choice.resolve(self.net))
+
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self.net(x).softmax(-1)
@@ -316,17 +327,10 @@ class SNNetModule(L.LightningModule):
     # --- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        groups = []
-        for params, scale in ((self.net.anchors.parameters(), cfg.anchor_lr_scale), (self.net.stitch_layers.parameters(), 1.0)):
-            decay, no_decay = [], []
-            for p in params:
-                if p.requires_grad:
-                    (no_decay if p.ndim <= 1 else decay).append(p)
-            groups += [
-                {"params": decay, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "lr": cfg.lr * scale, "weight_decay": 0.0},
-            ]
-        groups = [g for g in groups if g["params"]]
+        groups = [
+            *decay_groups(self.net.anchors.parameters(), cfg.weight_decay, lr=cfg.lr * cfg.anchor_lr_scale),
+            *decay_groups(self.net.stitch_layers.parameters(), cfg.weight_decay, lr=cfg.lr),
+        ]
         fused = self.device.type == "cuda"
         if cfg.name == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
@@ -334,12 +338,5 @@ class SNNetModule(L.LightningModule):
             optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=fused)
         else:
             raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}")
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(cfg.warmup_steps, total - 1)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=cfg.min_lr)
-        if warmup > 0:
-            linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup)
-            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
-        else:
-            scheduler = cosine
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, cfg.warmup_steps, cfg.min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

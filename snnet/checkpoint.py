@@ -1,0 +1,39 @@
+"""The stitchable network back from an ``snnet fit`` (Lightning) checkpoint, without the training state.
+
+Deployment needs the network only: the anchors are rebuilt from the network config saved in the
+checkpoint's hyper-parameters with no hub download and no anchor files (``pretrained=False``,
+``checkpoints=None``), then every weight comes from the checkpoint (teacher and optimiser ignored).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from snnet.anchors import NetworkConfig, build_network, expand_path
+from snnet.network import StitchableNetwork
+
+PREFIX = "net."
+
+
+def network_config_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> NetworkConfig:
+    section = (checkpoint.get("hyper_parameters") or {}).get("network")
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: no hyper_parameters.network: is it a checkpoint written by `snnet fit` (SNNetModule)?")
+    return NetworkConfig(**section)
+
+
+def load_network(path: str | os.PathLike) -> tuple[StitchableNetwork, NetworkConfig]:
+    """The trained network (eval mode, CPU) and the network config it was built from."""
+    path = expand_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    config = network_config_from_checkpoint(checkpoint, path)
+    net = build_network(dataclasses.replace(config, pretrained=False, checkpoints=None))
+    state = {k[len(PREFIX):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(PREFIX)}
+    if not state:
+        raise ValueError(f"{path}: the state_dict holds no '{PREFIX}*' weights of a stitchable network")
+    net.load_state_dict(state, strict=True)
+    return net.eval(), config

@@ -1,0 +1,255 @@
+"""One stitch as a standalone model: only the weights its path uses, a rebuild recipe, a torch.export program.
+
+``extract_stitch`` copies the anchors on the stitch's path with every tensor the path does not use
+left out (the copy never touches them: they are mapped to ``None`` in ``deepcopy``'s memo), plus
+the stitching layers it uses. Keeping each anchor's own module tree, rather than re-assembling its
+parts, lets the family adapter (``families.anchor_view``) supply stem and head, which may be
+functions over several modules (a ViT stem reads ``patch_embed``, ``cls_token``, ``pos_embed``...).
+The same trimming rebuilds the module from ``stitch.json`` at load time, so both agree by construction.
+
+Files written by ``export_stitch``: ``model.safetensors`` (the weights), ``stitch.json`` (the
+recipe: anchors' timm names and kwargs, which parts of each anchor, the stitching layers' shapes,
+the step order, input size, FLOPs, params) and ``program.pt2`` (``torch.export``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+import snnet.models  # noqa: F401  (registers the CIFAR ResNets in timm)
+from snnet.families import AnchorView, anchor_view
+from snnet.network import StitchableNetwork
+from snnet.stitching import StitchingLayer
+
+FORMAT = "snnet-stitch/1"
+WEIGHTS, RECIPE, PROGRAM = "model.safetensors", "stitch.json", "program.pt2"
+
+
+@dataclass
+class AnchorPart:
+    """Which parts of one anchor a path runs (``model``: timm architecture to rebuild it)."""
+
+    model: str
+    stem: bool
+    blocks: list[int]
+    head: bool
+
+
+@dataclass
+class LayerRecipe:
+    """``StitchingLayer`` constructor arguments (shapes without the batch dimension)."""
+
+    in_shape: list[int]
+    out_shape: list[int]
+    in_layout: str
+    out_layout: str
+    in_prefix_tokens: int = 0
+    out_prefix_tokens: int = 0
+
+
+@dataclass
+class StitchRecipe:
+    """Everything ``load_stitch`` needs to rebuild the module without the other anchors.
+
+    ``steps`` run after the first anchor's stem and before the last anchor's head:
+    ``["block", anchor, block]`` (anchor: index into ``anchors``) or ``["layer", layer]``.
+    """
+
+    id: int
+    name: str
+    flops: int
+    params: int
+    is_anchor: bool
+    input_size: list[int]
+    anchors: list[AnchorPart]
+    layers: list[LayerRecipe]
+    steps: list[list]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StitchRecipe":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not an snnet stitch recipe: format {d.get('format')!r}, expected {FORMAT!r}")
+        return cls(**{**d, "anchors": [AnchorPart(**a) for a in d["anchors"]], "layers": [LayerRecipe(**l) for l in d["layers"]]})
+
+
+def _tensors(modules: Sequence[nn.Module]) -> set[int]:
+    return {id(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
+
+
+def trimmed_copy(model: nn.Module, part: AnchorPart) -> nn.Module:
+    """A copy of ``model`` holding only the tensors of ``part``; every other parameter/buffer is ``None``.
+
+    The stem is whatever the model holds outside its blocks and head modules (as in ``profile_anchor``).
+    """
+    view = anchor_view(model)
+    blocks, head = _tensors(view.blocks), _tensors(view.head_modules)
+    keep = _tensors([view.blocks[b] for b in part.blocks]) | (head if part.head else set())
+    if part.stem:
+        keep |= _tensors([model]) - blocks - head
+    dropped = {i: None for i in _tensors([model]) - keep}
+    return copy.deepcopy(model, memo=dropped)
+
+
+class StitchModule(nn.Module):
+    """One configuration as a plain ``nn.Module``: ``stem(anchors[0])``, the steps, ``head(anchors[-1])``."""
+
+    def __init__(self, anchors: Sequence[nn.Module], layers: Sequence[StitchingLayer], steps: Sequence[Sequence]) -> None:
+        super().__init__()
+        self.anchors = nn.ModuleList(anchors)
+        self.stitch_layers = nn.ModuleList(layers)
+        views: list[AnchorView] = [anchor_view(m) for m in self.anchors]
+        self._stem, self._head = views[0].stem, views[-1].head
+        self._steps: list[Callable[[Tensor], Tensor]] = [
+            views[step[1]].blocks[step[2]] if step[0] == "block" else self.stitch_layers[step[1]] for step in steps
+        ]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._stem(x)
+        for step in self._steps:
+            x = step(x)
+        return self._head(x)
+
+
+def stitch_recipe(net: StitchableNetwork, stitch: int, model_kwargs: dict[str, Any] | None = None) -> StitchRecipe:
+    """The path of ``stitch`` in ``net`` as parts of anchors, stitching layers and steps."""
+    config = net.configs[net._check_id(stitch)]
+    local = {a: i for i, a in enumerate(config.anchors)}
+    blocks: dict[int, list[int]] = {a: [] for a in config.anchors}
+    layers: list[int] = []
+    steps: list[list] = []
+    for anchor, start, stop, layer in net._segments(config):
+        blocks[anchor] += range(start, stop)
+        steps += [["block", local[anchor], b] for b in range(start, stop)]
+        if layer is not None:
+            steps.append(["layer", len(layers)])
+            layers.append(layer)
+    parts = [
+        AnchorPart(_architecture(net.anchors[a], net.anchor_names[a]), stem=i == 0, blocks=blocks[a], head=i == len(config.anchors) - 1)
+        for i, a in enumerate(config.anchors)
+    ]
+    info = net.infos[config.id]
+    return StitchRecipe(
+        id=info.id, name=info.name, flops=info.flops, params=info.params, is_anchor=info.is_anchor,
+        input_size=list(net.profiles[config.anchors[0]].input_size), anchors=parts,
+        layers=[_layer_recipe(net, layer) for layer in layers], steps=steps, model_kwargs=dict(model_kwargs or {}),
+    )
+
+
+def _architecture(model: nn.Module, name: str) -> str:
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch or not timm.is_model(arch):
+        raise ValueError(f"anchor {name!r} ({type(model).__name__}) is not a registered timm model: it cannot be rebuilt by name")
+    return arch
+
+
+def _layer_recipe(net: StitchableNetwork, layer: int) -> LayerRecipe:
+    spec, module = net.layer_specs[layer], net.stitch_layers[layer]
+    j, k = spec.pairs[0]
+    front, end = net.views[spec.front], net.views[spec.end]
+    return LayerRecipe(
+        in_shape=list(net.profiles[spec.front].block_shapes[j]), out_shape=list(net._end_input_shape(spec.end, k)),
+        in_layout=module.in_layout, out_layout=module.out_layout,
+        in_prefix_tokens=front.num_prefix_tokens, out_prefix_tokens=end.num_prefix_tokens,
+    )
+
+
+def extract_stitch(net: StitchableNetwork, stitch: int) -> StitchModule:
+    """Configuration ``stitch`` of ``net`` as a standalone module (copies: ``net`` is untouched).
+
+    Its parameters are exactly those of the path (``net.infos[stitch].params`` of them).
+    """
+    recipe = stitch_recipe(net, stitch)
+    config = net.configs[recipe.id]
+    anchors = [trimmed_copy(net.anchors[a], part) for a, part in zip(config.anchors, recipe.anchors)]
+    used_layers = [h.layer for h in config.hops]
+    module = StitchModule(anchors, [copy.deepcopy(net.stitch_layers[l]) for l in used_layers], recipe.steps)
+    params = sum(p.numel() for p in module.parameters())
+    if params != recipe.params:
+        raise RuntimeError(
+            f"stitch {stitch} extracted with {params} parameters but its path has {recipe.params}: the family "
+            "adapter's stem, blocks and head do not partition the anchor's parameters"
+        )
+    return module.train(net.training)
+
+
+def build_stitch(recipe: StitchRecipe) -> StitchModule:
+    """The module of a recipe with freshly initialised weights: only the anchors on its path are created."""
+    anchors = [trimmed_copy(timm.create_model(p.model, pretrained=False, **recipe.model_kwargs), p) for p in recipe.anchors]
+    return StitchModule(anchors, [StitchingLayer(**asdict(l)) for l in recipe.layers], recipe.steps)
+
+
+def export_stitch(
+    net: StitchableNetwork,
+    stitch: int,
+    out_dir: str | os.PathLike,
+    model_kwargs: dict[str, Any] | None = None,
+    example_input: Tensor | None = None,
+) -> Path:
+    """Write ``model.safetensors``, ``stitch.json`` and ``program.pt2`` for ``stitch`` into ``out_dir``.
+
+    ``model_kwargs``: the ``timm.create_model`` kwargs the anchors were built with (``NetworkConfig.
+    model_kwargs``, e.g. ``num_classes``, ``img_size``), needed to rebuild them by name.
+    ``example_input`` (default: two random images of the network's input size) traces the program;
+    its batch dimension is exported as dynamic.
+    """
+    recipe = stitch_recipe(net, stitch, model_kwargs)
+    module = extract_stitch(net, stitch).eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, out / WEIGHTS, metadata={"format": "pt", "snnet": FORMAT})
+    (out / RECIPE).write_text(json.dumps(asdict(recipe), indent=1))
+    param = next(module.parameters())
+    if example_input is None:
+        example_input = torch.randn(2, *recipe.input_size, device=param.device, dtype=param.dtype)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(module, (example_input,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, out / PROGRAM)
+    return out
+
+
+def load_recipe(out_dir: str | os.PathLike) -> StitchRecipe:
+    path = Path(out_dir) / RECIPE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {out_dir} a folder written by `snnet export`?")
+    return StitchRecipe.from_dict(json.loads(path.read_text()))
+
+
+def load_stitch(out_dir: str | os.PathLike, device: str | torch.device = "cpu") -> StitchModule:
+    """The exported stitch as an ``nn.Module`` (eval mode), rebuilt from ``stitch.json`` and its weights."""
+    recipe = load_recipe(out_dir)
+    module = build_stitch(recipe)
+    state = OrderedDict(load_file(Path(out_dir) / WEIGHTS, device=str(device)))
+    # current module versions: without them BatchNorm "upgrades" the state by adding num_batches_tracked
+    # for every BatchNorm, including those of blocks the path does not use
+    state._metadata = module.state_dict()._metadata  # type: ignore[attr-defined]
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{out_dir}: the weights do not fit the rebuilt anchors {[p.model for p in recipe.anchors]} with "
+            f"model_kwargs {recipe.model_kwargs} (were the anchors built with other timm kwargs?): {e}"
+        ) from e
+    return module.to(device).eval()
+
+
+def load_program(out_dir: str | os.PathLike) -> torch.export.ExportedProgram:
+    """The exported ``torch.export`` program (call ``.module()`` to run it)."""
+    path = Path(out_dir) / PROGRAM
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {out_dir} a folder written by `snnet export`?")
+    return torch.export.load(path)

@@ -1,0 +1,150 @@
+"""Exporting one stitch as a standalone model: same outputs, only its own weights, rebuilt from disk
+without the other anchors, a torch.export program, and the `snnet export` round trip from a checkpoint."""
+import json
+
+import lightning as L
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import tiny_data, tiny_module
+from snnet.anchors import NetworkConfig, build_network
+from snnet.cli import main
+from snnet.evaluate import evaluate_stitches
+from snnet.export import export_stitch, extract_stitch, load_program, load_recipe, load_stitch
+from snnet.results import save_results, select_stitch
+
+CIFAR = NetworkConfig(anchors=["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"], pretrained=False, input_size=(3, 16, 16))
+VIT = NetworkConfig(anchors=["deit_tiny_patch16_224", "deit_small_patch16_224"], pretrained=False,
+                    model_kwargs={"img_size": 32, "depth": 3, "num_classes": 10})
+
+
+def built(config):
+    torch.manual_seed(0)
+    net = build_network(config).eval()
+    with torch.no_grad():  # random stitching layers, and non-trivial BatchNorm statistics
+        for p in net.stitch_layers.parameters():
+            p.normal_(0, 0.1)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+@pytest.fixture(scope="module")
+def cifar_net():
+    return built(CIFAR)
+
+
+@pytest.fixture(scope="module")
+def vit_net():
+    return built(VIT)
+
+
+def weight_names(path):
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
+
+
+def test_standalone_equals_the_network_at_every_id_with_exactly_its_parameters(cifar_net):
+    x = torch.randn(4, 3, 16, 16)
+    assert any(not i.is_anchor for i in cifar_net.infos) and any(i.is_anchor for i in cifar_net.infos)
+    for info in cifar_net.infos:
+        module = extract_stitch(cifar_net, info.id).eval()
+        with torch.no_grad():
+            assert (module(x) - cifar_net(x, info.id)).abs().max() < 1e-5, info.name
+        assert sum(p.numel() for p in module.parameters()) == info.params
+        path = {id(p) for p in cifar_net.path_parameters(info.id)}
+        assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in cifar_net.parameters() if id(p) in path)
+
+
+def test_export_holds_only_the_path_and_rebuilds_from_disk(cifar_net, tmp_path):
+    stitch = next(i for i in cifar_net.infos if not i.is_anchor and cifar_net.configs[i.id].anchors == (0, 1))
+    export_stitch(cifar_net, stitch.id, tmp_path)
+    recipe = load_recipe(tmp_path)
+    assert [p.model for p in recipe.anchors] == ["cifar_resnet8", "cifar_resnet14"]  # cifar_resnet20 not needed
+    names = weight_names(tmp_path / "model.safetensors")
+    assert {n.split(".")[0] + "." + n.split(".")[1] for n in names} == {"anchors.0", "anchors.1", "stitch_layers.0"}
+    hop = cifar_net.configs[stitch.id].hops[0]
+    assert "anchors.1.conv1.weight" not in names and "anchors.0.linear.weight" not in names  # end's stem, front's head
+    assert "anchors.0.conv1.weight" in names and "anchors.1.linear.weight" in names
+    assert hop.front_block + 1 < 3 and "anchors.0.layer3.0.conv1.weight" not in names  # front blocks after the hop
+    assert (hop.end_block > 0) == ("anchors.1.layer1.0.conv1.weight" not in names)  # end blocks before the hop
+
+    x = torch.randn(5, 3, 16, 16)  # another batch size than the traced one: the batch dimension is dynamic
+    with torch.no_grad():
+        reference = cifar_net(x, stitch.id)
+        loaded = load_stitch(tmp_path)
+        assert (loaded(x) - reference).abs().max() < 1e-5
+        assert (load_program(tmp_path).module()(x) - reference).abs().max() < 1e-5
+    assert sum(p.numel() for p in loaded.parameters()) == stitch.params == recipe.params
+    assert json.loads((tmp_path / "stitch.json").read_text())["name"] == stitch.name
+
+
+def test_vit_stitch_stem_and_head_span_several_modules(vit_net, tmp_path):
+    """A ViT stem reads patch_embed, cls_token and pos_embed; its head norm, fc_norm and head."""
+    x = torch.randn(3, 3, 32, 32)
+    stitch = vit_net.num_configs - 1
+    assert not vit_net.infos[stitch].is_anchor
+    export_stitch(vit_net, stitch, tmp_path, VIT.model_kwargs)
+    loaded, program = load_stitch(tmp_path), load_program(tmp_path).module()
+    with torch.no_grad():
+        reference = vit_net(x, stitch)
+        assert (loaded(x) - reference).abs().max() < 1e-5
+        assert (program(x) - reference).abs().max() < 1e-5
+    assert sum(p.numel() for p in loaded.parameters()) == vit_net.infos[stitch].params
+    names = weight_names(tmp_path / "model.safetensors")
+    assert {"anchors.0.cls_token", "anchors.0.pos_embed", "anchors.1.head.weight", "anchors.1.norm.weight"} <= names
+    assert not {"anchors.1.cls_token", "anchors.1.pos_embed", "anchors.0.head.weight", "anchors.0.norm.weight"} & names
+
+
+def test_wrong_model_kwargs_are_a_clear_error_at_load(vit_net, tmp_path):
+    export_stitch(vit_net, 0, tmp_path)  # model_kwargs forgotten: the rebuilt anchor is a 224 px ViT
+    with pytest.raises(ValueError, match="were the anchors built with other timm kwargs"):
+        load_stitch(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real `snnet fit` checkpoint (least-squares init plus one training step) and its module."""
+    root = tmp_path_factory.mktemp("fit")
+    module = tiny_module(teacher=None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                        enable_checkpointing=False, default_root_dir=root)
+    data = tiny_data(module)
+    trainer.fit(module, data)
+    trainer.save_checkpoint(root / "last.ckpt")
+    results = evaluate_stitches(module.net, data.val_dataloader(), progress=False).results
+    save_results(results, root / "val_results.json")
+    return root, module.net.eval(), results
+
+
+def test_cli_exports_an_id_or_a_budget_from_a_checkpoint(checkpoint, tmp_path, capsys):
+    root, net, results = checkpoint
+    x = torch.randn(4, 3, 16, 16)
+    main(["export", "--ckpt", str(root / "last.ckpt"), "--stitch", "2", "--out", str(tmp_path / "id")])
+    with torch.no_grad():
+        assert (load_stitch(tmp_path / "id")(x) - net(x, 2)).abs().max() < 1e-5
+    budget = sorted(r.gflops for r in results)[1]
+    main(["export", "--ckpt", str(root / "last.ckpt"), "--max-gflops", str(budget), "--results",
+          str(root / "val_results.json"), "--out", str(tmp_path / "budget")])
+    chosen = select_stitch(results, max_gflops=budget)
+    assert load_recipe(tmp_path / "budget").id == chosen.id
+    assert f"exported stitch {chosen.id} ({chosen.name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-gflops", "1e-9"], "cheapest stitch"),
+    (["--max-gflops", "1"], "a budget needs measured accuracies"),
+    (["--stitch", "99"], "stitch id 99 out of range: valid ids are 0..3"),
+    (["--stitch", "1", "--max-gflops", "1"], "not both"),
+    ([], "give --stitch ID, or a budget"),
+])
+def test_cli_bad_input_is_a_clear_error(checkpoint, tmp_path, capsys, args, message):
+    root, _, _ = checkpoint
+    results = ["--results", str(root / "val_results.json")] if "1e-9" in args else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt", str(root / "last.ckpt"), *args, *results, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
