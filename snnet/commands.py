@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -73,15 +74,19 @@ def stitches_command(argv: Sequence[str]) -> None:
         print(f"wrote {len(rows)} configurations to {args.json}")
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-gflops", type=float)
+    parser.add_argument("--max-params", type=float, help="parameter count, e.g. 5e6")
+    parser.add_argument("--max-latency-ms", type=float, help="needs latency_ms in the results (snnet bench latency)")
+    parser.add_argument("--metric", default="acc1", choices=["acc1", "acc5"])
+
+
 def select_command(argv: Sequence[str]) -> None:
     from snnet.results import load_results, select_stitch
 
     parser = argparse.ArgumentParser(prog="snnet select", description="The most accurate measured stitch within a budget.")
     parser.add_argument("--results", type=Path, required=True, help="results JSON written by snnet validate")
-    parser.add_argument("--max-gflops", type=float)
-    parser.add_argument("--max-params", type=float, help="parameter count, e.g. 5e6")
-    parser.add_argument("--max-latency-ms", type=float)
-    parser.add_argument("--metric", default="acc1", choices=["acc1", "acc5"])
+    add_budget_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_gflops is None and args.max_params is None and args.max_latency_ms is None:
         parser.error("give at least one budget: --max-gflops, --max-params or --max-latency-ms")
@@ -96,7 +101,114 @@ def select_command(argv: Sequence[str]) -> None:
     print(json.dumps(best.to_dict()))
 
 
+def similarity_command(argv: Sequence[str]) -> None:
+    from snnet.similarity import parse_similarity, run_similarity
+
+    try:
+        config, data = parse_similarity(argv)  # parse errors exit 2 with usage; instantiation errors land below
+        written = run_similarity(config, data)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"snnet similarity: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    print("\n".join(["wrote:", *(f"  {path}" for path in written)]))
+
+
+def bench_latency_command(argv: Sequence[str]) -> None:
+    from snnet.anchors import NetworkConfig, build_network
+    from snnet.checkpoint import load_network
+    from snnet.choice import check_results_match
+    from snnet.latency import DTYPES, measure_latency, parse_dtype, with_latency
+    from snnet.results import load_results, print_table, save_results
+
+    parser = argparse.ArgumentParser(
+        prog="snnet bench latency",
+        description="Measure every stitch's forward latency (median ms) on this device and write it into a results "
+                    "file, for snnet select --max-latency-ms.",
+    )
+    parser.add_argument("--results", type=Path, required=True, help="results JSON (snnet validate or snnet stitches --json)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="fit config whose network to time (built without weights: they do not change latency)")
+    source.add_argument("--ckpt", type=Path, help="snnet fit checkpoint: time the trained network")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed forwards per stitch")
+    parser.add_argument("--repeats", type=int, default=20, help="timed forwards per stitch (the median is kept)")
+    parser.add_argument("--out", type=Path, help="write the results here (default: update --results in place)")
+    args = parser.parse_args(argv)
+    try:
+        results = load_results(args.results)
+        if args.ckpt is not None:
+            net, _ = load_network(args.ckpt)
+        else:
+            config = NetworkConfig(**network_section(args.config))
+            net = build_network(dataclasses.replace(config, pretrained=False, checkpoints=None))
+        check_results_match(net, results)
+        latency = measure_latency(net, [r.id for r in results], args.batch_size, parse_dtype(args.dtype), args.device,
+                                  args.warmup, args.repeats)
+    except (ValueError, TypeError, FileNotFoundError, IndexError) as e:
+        print(f"snnet bench latency: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    results = with_latency(results, latency)
+    out = args.out or args.results
+    save_results(results, out)
+    print_table(results, title=f"latency on {args.device}, batch {args.batch_size}, {args.dtype}")
+    print(f"wrote latency_ms of {len(results)} stitches to {out}")
+
+
+BENCH_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
+    "latency": (bench_latency_command, "Median forward latency of every stitch on this device, written into a results file."),
+}
+
+
+def bench_command(argv: Sequence[str]) -> None:
+    """``snnet bench <what>``: measurements on the current device (one subcommand per quantity)."""
+    lines = ["usage: snnet bench <what> [options]", "", "what:", *(f"  {n:<9} {doc}" for n, (_, doc) in BENCH_COMMANDS.items())]
+    if not argv or argv[0] in ("-h", "--help"):
+        print("\n".join(lines))
+        return
+    if argv[0] not in BENCH_COMMANDS:
+        print(f"snnet bench: unknown measurement {argv[0]!r}; choose one of: {', '.join(BENCH_COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    BENCH_COMMANDS[argv[0]][0](argv[1:])
+
+
+def export_command(argv: Sequence[str]) -> None:
+    from snnet.checkpoint import load_network
+    from snnet.choice import StitchChoice
+    from snnet.export import export_stitch
+
+    parser = argparse.ArgumentParser(
+        prog="snnet export",
+        description="Write one stitch of a trained network as a standalone model: only the weights its path uses "
+                    "(model.safetensors), a recipe to rebuild it without the other anchors (stitch.json) and a "
+                    "torch.export program (program.pt2).",
+    )
+    parser.add_argument("--ckpt", type=Path, required=True, help="snnet fit checkpoint")
+    parser.add_argument("--stitch", type=int, help="configuration id (snnet stitches lists them)")
+    add_budget_arguments(parser)
+    parser.add_argument("--results", type=Path, help="results JSON with accuracies (snnet validate), to choose by budget")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    args = parser.parse_args(argv)
+    choice = StitchChoice(args.stitch, args.max_gflops, args.max_params, args.max_latency_ms,
+                          None if args.results is None else str(args.results), args.metric)
+    if choice.stitch is None and not choice.has_budget:
+        parser.error("give --stitch ID, or a budget (--max-gflops, --max-params, --max-latency-ms) with --results")
+    try:
+        net, config = load_network(args.ckpt)
+        stitch = choice.resolve(net)
+        out = export_stitch(net, stitch, args.out, config.model_kwargs)
+    except (ValueError, FileNotFoundError, IndexError) as e:
+        print(f"snnet export: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    info = net.infos[stitch]
+    print(f"exported stitch {info.id} ({info.name}, {info.flops / 1e9:.4g} GFLOPs, {info.params} parameters) to {out}")
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "stitches": (stitches_command, "List the configurations of a family (id, name, FLOPs, params) without training."),
     "select": (select_command, "Pick the most accurate stitch for a FLOPs, parameter or latency budget."),
+    "bench": (bench_command, "Measure on this device: `snnet bench latency` times every stitch for latency budgets."),
+    "export": (export_command, "Write one stitch (id or budget) as a standalone model: its weights only, a recipe, a torch.export program."),
+    "similarity": (similarity_command, "CKA and stitched-accuracy matrices between the layers of two models (heatmaps, JSON/CSV)."),
 }

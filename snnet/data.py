@@ -35,6 +35,36 @@ def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     return Subset(dataset, order[:limit].tolist())
 
 
+def _labels(dataset: Dataset) -> list[int]:
+    """Every example's label without loading images (``targets`` of ImageFolder/CIFAR, ``labels``)."""
+    for attr in ("targets", "labels"):
+        labels = getattr(dataset, attr, None)
+        if labels is not None:
+            return [int(label) for label in labels]
+    raise TypeError(f"{type(dataset).__name__} exposes neither .targets nor .labels, so it cannot be filtered by class")
+
+
+class ClassSubset(Dataset):
+    """The examples of ``classes`` only, labels renumbered 0..k-1 in the order given (a k-class task)."""
+
+    def __init__(self, dataset: Dataset, classes: list[int]) -> None:
+        labels = _labels(dataset)
+        present = sorted(set(labels))
+        missing = [c for c in classes if c not in present]
+        if missing:
+            raise ValueError(f"classes {missing} do not occur in the data; valid class indices: {present}")
+        self.dataset, self.remap = dataset, {c: i for i, c in enumerate(classes)}
+        self.indices = [i for i, label in enumerate(labels) if label in self.remap]
+        self.targets = [self.remap[labels[i]] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image, label = self.dataset[self.indices[i]]
+        return image, self.remap[int(label)]
+
+
 class EpochSampler(Sampler[int]):
     """Shuffles by a permutation drawn from (seed, epoch), so a resumed run sees the same order;
     ``skip`` drops the first indices of the next epoch once (resuming mid-epoch). Under DDP,
@@ -61,6 +91,8 @@ class ImageDataModule(L.LightningDataModule):
 
     ``train_transform``: ``timm`` (``create_transform(is_training=True, **augment)``, the ImageNet
     recipe), ``cifar`` (pad-4 random crop + flip, the CIFAR recipe) or ``eval`` (no augmentation).
+    ``classes``: keep only these class indices, relabelled 0..k-1 in the given order (e.g. ``[3, 5]``
+    for CIFAR-10 cat vs dog); ``None`` keeps every class.
     """
 
     num_classes: int
@@ -76,8 +108,11 @@ class ImageDataModule(L.LightningDataModule):
         train_limit: int | None = None,
         val_limit: int | None = None,
         seed: int = 0,
+        classes: list[int] | None = None,
     ) -> None:
         super().__init__()
+        if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0):
+            raise ValueError(f"classes must be at least 2 distinct non-negative class indices or null, got {classes}")
         if train_transform not in TRAIN_TRANSFORMS:
             raise ValueError(f"unknown train_transform {train_transform!r}; choose one of {TRAIN_TRANSFORMS}")
         if batch_size < 1:
@@ -91,6 +126,7 @@ class ImageDataModule(L.LightningDataModule):
         self.train_limit = train_limit
         self.val_limit = val_limit
         self.seed = seed
+        self.classes = list(classes) if classes is not None else None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.resume_skip_batches = 0
@@ -99,6 +135,13 @@ class ImageDataModule(L.LightningDataModule):
     def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
         """(train, validation) datasets yielding ``(image, label)`` with the given transforms."""
         raise NotImplementedError
+
+    def _datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
+        """``make_datasets`` restricted to ``classes`` when set."""
+        train, val = self.make_datasets(train_tf, eval_tf)
+        if self.classes is None:
+            return train, val
+        return ClassSubset(train, self.classes), ClassSubset(val, self.classes)
 
     # --- transforms ---------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -133,7 +176,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         train_tf, eval_tf = self.transforms()
-        train, val = self.make_datasets(train_tf, eval_tf)
+        train, val = self._datasets(train_tf, eval_tf)
         self.train_set = _subset(train, self.train_limit, self.seed)
         self.val_set = _subset(val, self.val_limit, self.seed)
 
@@ -142,7 +185,7 @@ class ImageDataModule(L.LightningDataModule):
         if n < 1:
             raise ValueError(f"the least-squares init needs at least 1 image, got {n}")
         _, eval_tf = self.transforms()
-        train, _ = self.make_datasets(eval_tf, eval_tf)
+        train, _ = self._datasets(eval_tf, eval_tf)
         subset = _subset(train, n, self.seed + 1)
         xs, ys = zip(*(subset[i] for i in range(len(subset))))
         return torch.stack(xs), torch.as_tensor(ys)

@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-Layout = Literal["tokens", "nchw", "nhwc"]
-LAYOUTS: tuple[str, ...] = ("tokens", "nchw", "nhwc")
+Layout = Literal["tokens", "nchw", "nhwc", "vector"]  # vector: (B, C), e.g. after flatten in a plain net
+LAYOUTS: tuple[str, ...] = ("tokens", "nchw", "nhwc", "vector")
 
 
 @dataclass

@@ -54,13 +54,18 @@ class StitchingLayer(nn.Module):
         out_prefix_tokens: int = 0,
     ) -> None:
         super().__init__()
+        if (in_layout == "vector") != (out_layout == "vector"):
+            raise ValueError(
+                f"cannot stitch a {in_layout} activation {in_shape} to a {out_layout} one {out_shape}: vectors "
+                "(B, C) have no spatial grid; only vector -> vector or between tokens/nchw/nhwc maps"
+            )
         self.in_layout, self.out_layout = in_layout, out_layout
         self.in_features = in_shape[0] if in_layout == "nchw" else in_shape[-1]
         self.out_features = out_shape[0] if out_layout == "nchw" else out_shape[-1]
         self.in_prefix_tokens = in_prefix_tokens
         same_tokens = in_layout == out_layout == "tokens" and in_shape[0] == out_shape[0]
-        same_map = in_layout == out_layout != "tokens" and _grid(in_shape, in_layout, 0) == _grid(out_shape, out_layout, 0)
-        self.direct = same_tokens or same_map
+        same_map = in_layout == out_layout in ("nchw", "nhwc") and _grid(in_shape, in_layout, 0) == _grid(out_shape, out_layout, 0)
+        self.direct = same_tokens or same_map or in_layout == "vector"
         if not self.direct:
             if out_layout == "tokens" and out_prefix_tokens:
                 raise ValueError(

@@ -270,3 +270,46 @@ def test_shape_errors_name_the_shapes() -> None:
         rbf_cka(_randn(5, 2), _randn(4, 2))
     with pytest.raises(ValueError, match="method"):
         cka_matrix([_randn(5, 2)], method="svd")
+
+
+# ---------------------------------------------------------------- float32 products
+
+
+def test_float32_products_agree_with_float64_on_offset_relu_maps() -> None:
+    """The fast path centres before the float32 products, so a large activation mean costs no
+    digits: on post-ReLU "maps" shifted by 1000 it must agree with the float64 route to 1e-6 on
+    both routes and the minibatch estimator (build-then-centre in float32 is off by 0.47 here)."""
+    base = torch.relu(_randn(48, 300, seed=200)).float()
+    xs = [base[:, :200] + 1000.0, torch.relu(base @ _randn(300, 150, seed=201).float()) + 1000.0]
+    ys = [base[:, 100:] * 2.0 + 1000.0, torch.relu(_randn(48, 64, seed=202)).float()]
+    for method in ("feature", "gram"):
+        exact = cka_matrix(xs, ys, method=method)
+        fast = cka_matrix(xs, ys, method=method, matmul_dtype="float32")
+        assert fast.dtype == torch.float64
+        assert torch.allclose(fast, exact, atol=1e-6, rtol=0), method
+    exact_mb, fast_mb = MinibatchCKA(), MinibatchCKA(matmul_dtype="float32")
+    for sl in (slice(0, 24), slice(24, 48)):
+        exact_mb.update([x[sl] for x in xs], [y[sl] for y in ys])
+        fast_mb.update([x[sl] for x in xs], [y[sl] for y in ys])
+    assert torch.allclose(fast_mb.compute(), exact_mb.compute(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="matmul_dtype.*float16"):
+        cka_matrix(xs, matmul_dtype="float16")
+
+
+def test_reference_features_match_pairwise_cka() -> None:
+    from snnet.cka import ReferenceFeatures
+
+    base = _randn(120, 6, seed=300)
+    refs = [base @ _randn(6, 5, seed=301 + i) + (i + 1) * 0.5 * _randn(120, 5, seed=310 + i) + 100.0 for i in range(4)]
+    query = torch.tanh(base @ _randn(6, 7, seed=320))
+    prepared = ReferenceFeatures(refs)
+    expected = torch.stack([linear_cka(r, query) for r in refs])
+    assert len(prepared) == 4
+    assert torch.allclose(prepared.cka(query), expected, atol=1e-12, rtol=0)
+    assert len(set(expected.tolist())) == 4  # the sets differ, so a mix-up of rows would show
+    fast = ReferenceFeatures([r.float() for r in refs], matmul_dtype="float32").cka(query.float())
+    assert torch.allclose(fast, expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="one shape"):
+        ReferenceFeatures([refs[0], refs[1][:, :3]])
+    with pytest.raises(ValueError, match="samples"):
+        prepared.cka(query[:50])

@@ -16,10 +16,13 @@ EXPECTED_CONFIGS = {
     "resnet18_resnet50.yaml": 10,
     "resnet18_swin_tiny.yaml": 8,
 }
+GENERAL_STITCH_CONFIGS = {"stitch_resnet20_resnet56.yaml": "cifar_resnet20[:3] -> cifar_resnet56[18:]"}
+SIMILARITY_CONFIGS = {"similarity_resnet56_resnet20.yaml": 22}  # stitched layer pairs
+STITCHNET_CONFIGS = {"stitchnet_cifar10.yaml": 9 + 15 + 21 + 27}  # fragments in the pool (one per block)
 
 
 def test_every_config_is_covered():
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED_CONFIGS)
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*EXPECTED_CONFIGS, *GENERAL_STITCH_CONFIGS, *SIMILARITY_CONFIGS, *STITCHNET_CONFIGS])
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +65,39 @@ def test_config_builds_with_random_weights_and_tiny_data(name, tiny_image_folder
     built.datamodule.setup()
     x, _ = next(iter(built.datamodule.val_dataloader()))
     assert tuple(x.shape[1:]) == built.model.net.profiles[0].input_size
+
+
+@pytest.mark.parametrize("name", sorted(GENERAL_STITCH_CONFIGS))
+def test_general_stitch_config_builds_with_random_weights(name, tiny_image_folder, tmp_path):
+    from snnet.general import GeneralStitchModule
+
+    built = cli(["--config", str(CONFIGS / name), "--model.sender.checkpoint", "", "--model.receiver.checkpoint", "",
+                 "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+                 "--data", "snnet.data.ImageFolderDataModule", "--data.init_args.root", str(tiny_image_folder),
+                 "--data.init_args.val_dir", "val"])
+    assert isinstance(built.model, GeneralStitchModule) and built.model.model.name == GENERAL_STITCH_CONFIGS[name]
+    assert built.datamodule.data_config["input_size"] == built.model.model.input_size
+
+
+@pytest.mark.parametrize("name", sorted(SIMILARITY_CONFIGS))
+def test_similarity_config_parses_and_resolves_its_pairs(name, monkeypatch):
+    from snnet.families import anchor_view
+    from snnet.general import ModelSpec
+    from snnet.similarity import parse_similarity, select_pairs
+
+    monkeypatch.setenv("SNNET_ANCHOR_DIR", "/anchors")
+    config, _ = parse_similarity(["--config", str(CONFIGS / name), "--data", "snnet.data.DigitsDataModule"])
+    sender, receiver = (anchor_view(ModelSpec(spec.name).create()) for spec in (config.sender, config.receiver))  # random weights
+    assert len(select_pairs(sender, receiver, config.stitching.pairs, config.stitching.band)) == SIMILARITY_CONFIGS[name]
+
+
+@pytest.mark.parametrize("name", sorted(STITCHNET_CONFIGS))
+def test_stitchnet_config_builds_with_random_weights(name, tiny_image_folder, tmp_path):
+    from snnet.stitchnet import StitchNetModule
+
+    built = cli(["--config", str(CONFIGS / name), "--model.pool.checkpoints", "[]", "--model.init_args.out_dir", str(tmp_path),
+                 "--data", "snnet.data.ImageFolderDataModule", "--data.init_args.root", str(tiny_image_folder),
+                 "--data.init_args.val_dir", "val"])
+    assert isinstance(built.model, StitchNetModule) and len(built.model.pool) == STITCHNET_CONFIGS[name]
+    assert built.trainer.max_epochs == 0 and built.model.configure_optimizers() is None
+    assert built.datamodule.data_config["input_size"] == built.model.pool.input_size

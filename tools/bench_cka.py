@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--features", choices=["flatten", "gap"], default="flatten",
                    help="block outputs flattened to (B, C*H*W) or global-average-pooled to (B, C); torch-cka's hooks "
                         "always see unpooled maps, so 'gap' compares the CKA math on precomputed features only")
+    p.add_argument("--matmul-dtype", choices=["float64", "float32"], default="float64",
+                   help="precision of snnet.cka's Gram/covariance products (centring first; reductions stay float64)")
     p.add_argument("--out", type=Path, default=None, help="append the Markdown report to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> str:
 
         tcka_version = version("torch-cka")
     except ImportError:
-        p.error("torch-cka is not installed: pip install torch-cka --no-deps")
+        p.error("torch-cka is not installed: pip install -e '.[bench]' (or pip install torch-cka)")
 
     (m1, w1), (m2, w2) = build(args.models[0], args.random_weights), build(args.models[1], args.random_weights)
     l1, l2 = block_names(m1), block_names(m2)
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> str:
         return cka.export()["CKA"]
 
     def run_ours_minibatch() -> Tensor:
-        mb = MinibatchCKA()
+        mb = MinibatchCKA(args.matmul_dtype)
         for (xb,) in loader:
             mb.update(ext(m1, l1, xb), ext(m2, l2, xb))
         return mb.compute()
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> str:
     def run_ours_full() -> Tensor:
         f1 = [torch.cat(fs) for fs in zip(*(ext(m1, l1, xb) for (xb,) in loader))]
         f2 = [torch.cat(fs) for fs in zip(*(ext(m2, l2, xb) for (xb,) in loader))]
-        return cka_matrix(f1, f2)
+        return cka_matrix(f1, f2, matmul_dtype=args.matmul_dtype)
 
     if not gap:
         t_tc, cka_tc = timed(run_torch_cka, args.repeats)
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> str:
     t_fwd, _ = timed(lambda: [(ext(m1, l1, xb), ext(m2, l2, xb)) for (xb,) in loader], args.repeats)
 
     def ours_math_mb() -> Tensor:
-        mb = MinibatchCKA()
+        mb = MinibatchCKA(args.matmul_dtype)
         for f1, f2 in zip(b1, b2):
             mb.update(f1, f2)
         return mb.compute()
@@ -232,13 +234,17 @@ def main(argv: list[str] | None = None) -> str:
     math_repeats = max(args.repeats, 3)  # short, so best of 3 to reduce timer noise
     t_tc_math, cka_tc_math = timed(lambda: torch_cka_math(b1, b2), math_repeats)
     t_mb_math, cka_mb_math = timed(ours_math_mb, math_repeats)
-    t_full_math, _ = timed(lambda: cka_matrix(full1, full2), math_repeats)
+    t_full_math, _ = timed(lambda: cka_matrix(full1, full2, matmul_dtype=args.matmul_dtype), math_repeats)
 
     cka_tc_f64 = torch_cka_formula_float64(b1, b2)
     d_f64 = maxdiff(cka_tc_f64, cka_mb_math)
     d_tc_f64 = maxdiff(cka_tc_f64, cka_tc_math)
     d_math = maxdiff(cka_tc_math, cka_mb_math)
-    d_full = maxdiff(cka_matrix(full1, full2), cka_mb_math)
+    d_full = maxdiff(cka_matrix(full1, full2, matmul_dtype=args.matmul_dtype), cka_mb_math)
+    exact_mb = MinibatchCKA()
+    for f1, f2 in zip(b1, b2):
+        exact_mb.update(f1, f2)
+    d_dtype = maxdiff(exact_mb.compute(), cka_mb_math)
     nan_tc = int(torch.isnan(cka_tc_math).sum())
     nan_ours = int(torch.isnan(cka_mb_math).sum())
     e2e_rows = []
@@ -262,7 +268,8 @@ def main(argv: list[str] | None = None) -> str:
         f"- command: `{cmd}`",
         f"- features: {args.models[0]} ({w1} weights, {len(l1)} block outputs) x {args.models[1]} ({w2}, {len(l2)} blocks)"
         f" = {n_pairs} pairs; {args.n_images} random 32x32 images, batches of {args.batch_size}; features "
-        + ("global-average-pooled to (B, C)" if gap else "flattened to (B, C*H*W)"),
+        + ("global-average-pooled to (B, C)" if gap else "flattened to (B, C*H*W)")
+        + f"; snnet.cka products in {args.matmul_dtype} (max abs diff to its float64 route: {d_dtype:.1e})",
         "",
         "| comparison | torch-cka (s) | snnet.cka (s) | speed-up | max abs diff vs torch-cka |",
         "|---|---:|---:|---:|---:|",
