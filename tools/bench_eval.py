@@ -118,7 +118,7 @@ def same_predictions(runs: Sequence[Evaluation]) -> bool:
 
 def bench_family(family: str, args: argparse.Namespace) -> Row:
     net, dm, note = (deit_setup if family == "deit" else cifar_setup)(args)
-    net.eval()
+    net.to(args.device).eval()  # evaluate_stitches moves each batch to the network's device
     ids = list(range(net.num_configs))
     flops_ratio = net.forward_many_flops(ids) / sum(net.infos[i].flops for i in ids)
     loader = dm.val_dataloader()
@@ -171,7 +171,7 @@ def report(rows: list[Row], args: argparse.Namespace, argv: Sequence[str] | None
         per_stitch = r.times[("memory", "naive")].cpu / r.stitches  # one stitch's compute over all images
         needed = r.stitches * (compute_ratio - TARGET) / (TARGET * r.stitches - 1)
         lines.append(
-            f"- {r.family}: {r.note}; batches of {args.batch_size}, {args.num_workers} loader workers. "
+            f"- {r.family}: {r.note}; batches of {args.batch_size} on {args.device}, {args.num_workers} loader workers. "
             f"**Target <= {TARGET}x end to end: {'met' if ratio <= TARGET else 'not met'} ({ratio:.3f}x CPU time, "
             f"{r.ratio('loader', 'wall'):.3f}x wall).** The shared pass reads the data once instead of {r.stitches} "
             f"times and runs {r.flops_ratio:.0%} of the FLOPs ({compute_ratio:.0%} of the compute time). With loading "
@@ -192,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jpeg-root", help="where to write the synthetic JPEGs (default ~/.cache/snnet/...)")
     parser.add_argument("--val-limit", type=int, default=256, help="CIFAR: test images (a fixed random subset)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (the GPU regime, where loading weighs more)")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--flops-only", action="store_true", help="print the FLOPs ratio only (no timing, no data)")

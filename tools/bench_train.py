@@ -1,6 +1,6 @@
 """Training throughput: SN-Net's stitchable step against the same sub-network trained alone.
 
-For a fixed sample of configurations, alternates (A B A B ...):
+For a fixed sample of configurations, alternates (A B, B A, A B, ...):
   A  the SN-Net step: ``net.set_stitch(id)``, forward through the StitchableNetwork, loss,
      backward, AdamW step with the optimizer over *all* parameters (as in joint training);
   B  the plain step: the same modules as an ordinary ``nn.Sequential``, AdamW over that
@@ -196,14 +196,16 @@ def main(argv: list[str] | None = None) -> None:
             run_steps(step, x, y, 2, autocast)
         warm = time.perf_counter() - warm
         a_times, b_times = [], []
-        for _ in range(args.rounds):
-            a_times.append(run_steps(joint, x, y, args.steps, autocast))
-            b_times.append(run_steps(plain, x, y, args.steps, autocast))
+        for round_ in range(args.rounds):  # A B, B A, ...: neither side always runs first
+            for step, times in ((joint, a_times), (plain, b_times))[:: 1 if round_ % 2 == 0 else -1]:
+                times.append(run_steps(step, x, y, args.steps, autocast))
         a, b = statistics.median(a_times), statistics.median(b_times)
+        per_round = [ta / tb for ta, tb in zip(a_times, b_times)]  # the spread says how noisy the machine was
         imgs = batch_size * args.steps
-        rows.append((stitch, net.infos[stitch].name, net.infos[stitch].flops / 1e9, imgs / a, imgs / b, a / b, warm))
+        rows.append((stitch, net.infos[stitch].name, net.infos[stitch].flops / 1e9, imgs / a, imgs / b, a / b,
+                     min(per_round), max(per_round), warm))
         print(f"  id {stitch:3d} {net.infos[stitch].name:<28} stitchable {imgs / a:8.1f} img/s  plain {imgs / b:8.1f} img/s  "
-              f"ratio {a / b:.3f}  warm-up {warm:.1f} s")
+              f"ratio {a / b:.3f} (rounds {min(per_round):.2f}-{max(per_round):.2f})  warm-up {warm:.1f} s")
     teacher = time_teacher(net, x, args.precision, args.compile, repeats=args.rounds)
     lstsq = time_lstsq_init(net, args.lstsq_images, 50, device)
     overhead = statistics.median(r[5] for r in rows)
@@ -221,11 +223,11 @@ def append_markdown(args, rows, teacher: float, lstsq: float, net: StitchableNet
         f"{'compiled' if args.compile else 'eager'}, {device.type})\n",
         f"- date: {datetime.date.today()}; machine: {machine(device)}; {versions()}",
         f"- command: `{command}`",
-        f"- batch {batch_size}, {args.steps} steps per block, {args.rounds} A/B rounds per configuration, median; "
+        f"- batch {batch_size}, {args.steps} steps per block, {args.rounds} rounds per configuration (A B, then B A, ...), median; "
         f"{net.num_configs} configurations in the family\n",
-        "| id | configuration | GFLOPs | stitchable img/s | plain img/s | time ratio |",
-        "|---:|---|---:|---:|---:|---:|",
-        *[f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.3f} |" for r in rows],
+        "| id | configuration | GFLOPs | stitchable img/s | plain img/s | time ratio | per-round ratios |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        *[f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.3f} | {r[6]:.2f}-{r[7]:.2f} |" for r in rows],
         "",
         f"Median stitching overhead: {100 * (overhead - 1):+.1f}%. Teacher ({net.anchor_names[-1]}, inference mode) "
         f"forward: {teacher:.1f} img/s. Least-squares init of {len(net.stitch_layers)} stitching layers on "
