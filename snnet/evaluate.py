@@ -57,13 +57,16 @@ class StitchScores:
         if self.keep_predictions:
             self.predictions[stitch].append(logits.argmax(-1).cpu())
 
-    def evaluation(self, net: StitchableNetwork) -> Evaluation:
+    def accuracies(self) -> dict[int, tuple[float, float]]:
+        """Top-1 and top-5 accuracy (%) per stitch id."""
         if not self.acc1:
             raise ValueError("the loader yielded no batches: nothing was scored")
+        return {i: (float(self.acc1[i].compute()) * 100, float(self.acc5[i].compute()) * 100) for i in self.ids}
+
+    def evaluation(self, net: StitchableNetwork) -> Evaluation:
         results = []
-        for stitch in self.ids:
+        for stitch, (acc1, acc5) in self.accuracies().items():
             info = net.infos[stitch]
-            acc1, acc5 = float(self.acc1[stitch].compute()) * 100, float(self.acc5[stitch].compute()) * 100
             results.append(StitchResult(info.id, info.name, info.flops, info.params, info.is_anchor, acc1, acc5))
         predictions = {i: torch.cat(p) for i, p in self.predictions.items()} if self.keep_predictions else None
         return Evaluation(results, predictions)

@@ -57,6 +57,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from snnet.cka import ReferenceFeatures
+from snnet.evaluate import StitchScores
 from snnet.fragments import (
     Fragment, FragmentPool, Granularity, PoolActivations, Steps, build_fragment_pool, pool_activations, run_batched,
 )
@@ -635,16 +636,14 @@ def _failure_message(cfg: ComposeConfig, stats: SearchStats, pool: FragmentPool)
 def evaluate(composition: Composition, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | str = "cpu",
              progress: bool = True) -> list[Candidate]:
     """Top-1/top-5 accuracy (%) of every candidate over ``batches``, one pass, shared prefixes once."""
-    k = composition.num_classes
-    acc1 = [MulticlassAccuracy(k, top_k=1, average="micro").to(device) for _ in composition.candidates]
-    acc5 = [MulticlassAccuracy(k, top_k=min(5, k), average="micro").to(device) for _ in composition.candidates]
+    scores = StitchScores([c.id for c in composition.candidates])
     for x, y in tqdm(batches, desc="evaluating candidates", disable=not progress):
         x, y = x.to(device), y.to(device)
         for i, logits in composition.forward_many(x).items():
-            acc1[i].update(logits, y)
-            acc5[i].update(logits, y)
-    for c, a1, a5 in zip(composition.candidates, acc1, acc5):
-        c.acc1, c.acc5 = float(a1.compute()) * 100, float(a5.compute()) * 100
+            scores.update(i, logits, y)
+    accuracies = scores.accuracies()
+    for c in composition.candidates:
+        c.acc1, c.acc5 = accuracies[c.id]
     return composition.candidates
 
 
