@@ -38,6 +38,29 @@ def _grid(shape: tuple[int, ...], layout: Layout, num_prefix_tokens: int) -> tup
     return side, side
 
 
+def _source_index(dst: Tensor, in_size: int, out_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Neighbours and weight of output pixel ``dst`` along one axis, exactly as
+    ``F.interpolate(mode="bilinear", align_corners=False)`` computes them (clamped at 0)."""
+    src = ((dst.to(torch.float32) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
+    low = src.floor().long().clamp(max=in_size - 1)
+    high = (low + 1).clamp(max=in_size - 1)
+    return low, high, src - low
+
+
+def bilinear_at(maps: Tensor, b: Tensor, y: Tensor, x: Tensor, out_grid: tuple[int, int]) -> Tensor:
+    """Rows (len(b), C) of ``F.interpolate(maps, out_grid, mode="bilinear")`` at output pixels
+    ``(b, y, x)`` of the (B, C, H, W) ``maps``; the same grid gathers without interpolating."""
+    (in_h, in_w), (out_h, out_w) = maps.shape[-2:], out_grid
+    if (in_h, in_w) == (out_h, out_w):
+        return maps[b, :, y, x]
+    y0, y1, wy = _source_index(y, in_h, out_h)
+    x0, x1, wx = _source_index(x, in_w, out_w)
+    wy, wx = wy.to(maps.dtype)[:, None], wx.to(maps.dtype)[:, None]
+    top = maps[b, :, y0, x0] * (1 - wx) + maps[b, :, y0, x1] * wx
+    bottom = maps[b, :, y1, x0] * (1 - wx) + maps[b, :, y1, x1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
 class StitchingLayer(nn.Module):
     """Maps a front anchor's block output onto the end anchor's block input.
 
@@ -98,6 +121,21 @@ class StitchingLayer(nn.Module):
     def fit_rows(self, x: Tensor) -> Tensor:
         """Input rows (samples x in_features) that the affine map sees, for least squares."""
         return self.align(x).reshape(-1, self.in_features)
+
+    def fit_rows_at(self, x: Tensor, rows: Tensor) -> Tensor:
+        """``fit_rows(x)[rows]`` without aligning the whole batch: only the requested rows are
+        gathered (and bilinearly interpolated where the grids differ), so a random subset of rows,
+        as CKA uses, costs the subset and not a full resize of every map. ``rows``: int64 indices."""
+        if self.direct and self.in_layout != "nchw":
+            return x.reshape(-1, self.in_features)[rows]
+        if self.direct:  # nchw, same grid: row b * H * W + p is x[b, :, p]
+            return x.flatten(2)[rows // x[0, 0].numel(), :, rows % x[0, 0].numel()]
+        if self.in_layout == "tokens":
+            x = x[:, self.in_prefix_tokens:].unflatten(1, self.in_grid)
+        maps = x if self.in_layout == "nchw" else x.permute(0, 3, 1, 2)  # (B, C, H, W), a view
+        out_h, out_w = self.out_grid
+        b, pos = rows // (out_h * out_w), rows % (out_h * out_w)
+        return bilinear_at(maps, b, pos // out_w, pos % out_w, self.out_grid)
 
     def set_affine(self, weight: Tensor, bias: Tensor) -> None:
         """Load ``y = x @ weight.T + bias`` (weight: out x in)."""

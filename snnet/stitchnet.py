@@ -9,7 +9,9 @@ Algorithm 1 of the paper, as implemented by :func:`compose`:
    activation at that point, on the same samples). Activations are compared with spatial positions
    as samples and channels as features, after bringing the current output onto the candidate's
    grid -- a random subset (``cka_rows``) of the very rows the bridge is fitted on (as the paper's
-   code does, resizing instead of flattening). At most ``span`` (K) candidates are kept per step, and only those whose score --
+   code does, resizing instead of flattening); only the sampled rows are interpolated
+   (:meth:`~snnet.stitching.StitchingLayer.fit_rows_at`), not whole maps. At most ``span`` (K)
+   candidates are kept per step, and only those whose score --
    the product of CKAs along the path -- stays above ``threshold`` (T; the paper's code prunes on
    this product, ``totalThreshold``, which also drops any single step below T).
 3. A fragment that produces the output finishes a network; more than ``max_fragments`` fragments
@@ -242,7 +244,7 @@ class _Search:
         self._rows: dict[int, Tensor] = {}
         self._outputs: OrderedDict[int, Tensor] = OrderedDict()
         self._bytes = 0
-        self._refs: dict[Spec, tuple[list[int], ReferenceFeatures]] | None = None
+        self._refs: dict[Spec, tuple[list[int], ReferenceFeatures, int]] | None = None
         self._ids = 0
 
     # -- CKA ------------------------------------------------------------------------------------
@@ -263,9 +265,10 @@ class _Search:
             self._rows[total] = torch.randperm(total, generator=gen)[: self.cfg.cka_rows].sort().values
         return self._rows[total].to(device)
 
-    def references(self) -> dict[Spec, tuple[list[int], ReferenceFeatures]]:
+    def references(self) -> dict[Spec, tuple[list[int], ReferenceFeatures, int]]:
         """Candidates grouped by the activation they normally receive, their (sub-sampled) rows
-        centred once: every later CKA against a group is one batched matmul."""
+        centred once, and the group's row count: every later CKA against a group is one batched
+        matmul."""
         if self._refs is None:
             groups: dict[Spec, list[int]] = {}
             for j, g in enumerate(self.pool.fragments):
@@ -275,21 +278,23 @@ class _Search:
             for spec, members in groups.items():
                 rows = [target_rows(self.acts.inputs[j], spec[0]) for j in members]
                 idx = self.row_index(rows[0].shape[0], rows[0].device)
-                self._refs[spec] = (members, ReferenceFeatures([r if idx is None else r[idx] for r in rows], "float32"))
+                self._refs[spec] = (members, ReferenceFeatures([r if idx is None else r[idx] for r in rows], "float32"),
+                                    rows[0].shape[0])
         return self._refs
 
     def ckas(self, node: _Node) -> dict[int, float]:
         """CKA between the node's output and every unused candidate's usual input."""
         used, src = node.used(), out_spec(self.pool.fragments[node.fragment])
         out: dict[int, float] = {}
-        for spec, (members, refs) in self.references().items():
+        for spec, (members, refs, total) in self.references().items():
             aligner = self.aligner(src, spec)
             if aligner is None:
                 self.stats.incompatible_pairs += sum(j not in used for j in members)
                 continue
-            rows = aligner.fit_rows(self.output(node))
-            idx = self.row_index(rows.shape[0], rows.device)
-            values = torch.nan_to_num(refs.cka(rows if idx is None else rows[idx]), nan=0.0)
+            output = self.output(node)
+            idx = self.row_index(total, output.device)  # the references' rows: only those are aligned
+            rows = aligner.fit_rows(output) if idx is None else aligner.fit_rows_at(output, idx)
+            values = torch.nan_to_num(refs.cka(rows), nan=0.0)
             out.update((j, v) for j, v in zip(members, values.tolist()) if j not in used)
         successor = self.pool.successor(node.fragment)
         if node.pure and successor is not None:

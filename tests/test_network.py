@@ -150,3 +150,29 @@ def test_path_parameters_are_exactly_those_a_step_updates(vit_net):
         assert {id(p) for p in params} == with_grad, stitch
         assert sum(p.numel() for p in params) == vit_net.infos[stitch].params
     vit_net.zero_grad(set_to_none=True)
+
+
+FIT_ROW_CASES = {  # in_shape, out_shape, in_layout, out_layout, in_prefix_tokens
+    "nchw same grid": ((8, 6, 6), (12, 6, 6), "nchw", "nchw", 0),
+    "nchw 2x down": ((8, 8, 8), (12, 4, 4), "nchw", "nchw", 0),
+    "nchw 3.5x up": ((8, 4, 4), (12, 14, 14), "nchw", "nchw", 0),
+    "tokens+cls 14x14 -> nchw 8x8": ((197, 8), (12, 8, 8), "tokens", "nchw", 1),
+    "nchw 7x7 -> tokens 12x12": ((8, 7, 7), (144, 12), "nchw", "tokens", 0),
+    "tokens same": ((17, 8), (17, 12), "tokens", "tokens", 1),
+    "nhwc 8x8 -> nchw 5x5": ((8, 8, 8), (12, 5, 5), "nhwc", "nchw", 0),
+    "vector": ((8,), (12,), "vector", "vector", 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIT_ROW_CASES))
+def test_fit_rows_at_equals_the_full_rows_at_those_indices(case):
+    """CKA in StitchNet aligns only sampled rows: gathering and interpolating at those output
+    pixels must give what aligning (bilinear resize, token<->map) every row and indexing gives."""
+    from snnet.stitching import StitchingLayer
+
+    in_shape, out_shape, in_layout, out_layout, prefix = FIT_ROW_CASES[case]
+    layer = StitchingLayer(in_shape, out_shape, in_layout, out_layout, prefix)
+    x = torch.randn(5, *in_shape, generator=torch.Generator().manual_seed(0))
+    full = layer.fit_rows(x)
+    rows = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(1))[: full.shape[0] // 3]
+    torch.testing.assert_close(layer.fit_rows_at(x, rows), full[rows])  # float32 rounding only (~1e-6)
