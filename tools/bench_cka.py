@@ -38,8 +38,6 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from snnet.cka import MinibatchCKA, cka_matrix  # noqa: E402
 
-CHECKPOINTS = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet32": "resnet32-d509ac18.th",
-               "cifar_resnet44": "resnet44-014dd654.th", "cifar_resnet56": "resnet56-4bfd9763.th"}
 BLOCK = re.compile(r"^layer\d+\.\d+$")
 
 
@@ -56,12 +54,12 @@ def cpu_model() -> str:
 def build(name: str, random_weights: bool) -> tuple[nn.Module, str]:
     import timm
 
-    import snnet.models  # noqa: F401  (registers cifar_resnet*)
+    from snnet.models.cifar_resnet import pretrained_checkpoints  # also registers cifar_resnet*
 
     anchor = os.environ.get("SNNET_ANCHOR_DIR")
-    ckpt = Path(anchor) / CHECKPOINTS[name] if anchor and name in CHECKPOINTS else None
-    if not random_weights and ckpt is not None and ckpt.is_file():
-        return timm.create_model(name, checkpoint_path=str(ckpt)).eval(), "pretrained"
+    ckpt = pretrained_checkpoints(anchor).get(name) if anchor else None
+    if not random_weights and ckpt is not None and Path(ckpt).is_file():
+        return timm.create_model(name, checkpoint_path=ckpt).eval(), "pretrained"
     return timm.create_model(name).eval(), "random"
 
 

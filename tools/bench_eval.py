@@ -34,11 +34,11 @@ from bench_common import Seconds, append_section, header_lines, timed
 from snnet.anchors import NetworkConfig, build_network
 from snnet.data import CIFAR10JPEGDataModule, ImageDataModule, ImageFolderDataModule
 from snnet.evaluate import Evaluation, evaluate_stitches
+from snnet.models.cifar_resnet import pretrained_checkpoints
 from snnet.network import StitchableNetwork
 
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
-CIFAR = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet32": "resnet32-d509ac18.th",
-         "cifar_resnet44": "resnet44-014dd654.th", "cifar_resnet56": "resnet56-4bfd9763.th"}
+CIFAR = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56"]
 TARGET = 0.35
 
 
@@ -101,8 +101,8 @@ def cifar_setup(args: argparse.Namespace) -> tuple[StitchableNetwork, ImageDataM
     anchor_dir = os.environ.get("SNNET_ANCHOR_DIR")
     if not anchor_dir:
         raise SystemExit("the cifar family needs SNNET_ANCHOR_DIR (the resnet*.th files) and SNNET_DATA_DIR")
-    net = build_network(NetworkConfig(anchors=list(CIFAR), pretrained=False,
-                                      checkpoints=[str(Path(anchor_dir) / f) for f in CIFAR.values()]))
+    checkpoints = pretrained_checkpoints(anchor_dir)
+    net = build_network(NetworkConfig(anchors=list(checkpoints), pretrained=False, checkpoints=list(checkpoints.values())))
     dm = CIFAR10JPEGDataModule(data_config=data_config(net), eval_batch_size=args.batch_size,
                                num_workers=args.num_workers, val_limit=args.val_limit)
     images, _ = dm.calibration_batch(100)
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.flops_only:
         for family in args.family:
-            net = build_network(NetworkConfig(anchors=DEIT if family == "deit" else list(CIFAR), pretrained=False,
+            net = build_network(NetworkConfig(anchors=DEIT if family == "deit" else CIFAR, pretrained=False,
                                               model_kwargs={"img_size": args.img_size} if family == "deit" else {}))
             ids = list(range(net.num_configs))
             print(f"{family}: {len(ids)} stitches, FLOPs ratio shared/naive "

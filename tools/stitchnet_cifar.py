@@ -24,10 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from snnet.data import CIFAR10JPEGDataModule  # noqa: E402
 from snnet.fragments import pool_activations  # noqa: E402
+from snnet.models.cifar_resnet import pretrained_checkpoints  # noqa: E402
 from snnet.stitchnet import ComposeConfig, PoolConfig, build_pool, compose, evaluate, print_candidates, save_candidates  # noqa: E402
 
-CHECKPOINTS = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet32": "resnet32-d509ac18.th",
-               "cifar_resnet44": "resnet44-014dd654.th", "cifar_resnet56": "resnet56-4bfd9763.th"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,8 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not anchor_dir:
         p.error("set SNNET_ANCHOR_DIR to the folder holding the resnet*.th checkpoints")
 
-    pool = build_pool(PoolConfig(models=list(CHECKPOINTS), pretrained=False,
-                                 checkpoints=[str(Path(anchor_dir) / f) for f in CHECKPOINTS.values()]))
+    checkpoints = pretrained_checkpoints(anchor_dir)
+    pool = build_pool(PoolConfig(models=list(checkpoints), pretrained=False, checkpoints=list(checkpoints.values())))
     from timm.data import resolve_data_config
 
     data_config = {**resolve_data_config(model=pool.models["cifar_resnet20"]), "input_size": pool.input_size}

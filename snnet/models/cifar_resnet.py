@@ -7,6 +7,7 @@ pytorch_resnet_cifar10 project, so its checkpoints (``resnet20-12fca82f.th`` ...
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
@@ -111,6 +112,12 @@ PRETRAINED_FILES = {
     20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th", 56: "resnet56-4bfd9763.th",
 }
 DEPTHS = (8, 14, 20, 32, 44, 56)
+
+
+def pretrained_checkpoints(anchor_dir: str | Path) -> dict[str, str]:
+    """timm name -> checkpoint path of every published CIFAR ResNet in ``anchor_dir`` (e.g.
+    ``$SNNET_ANCHOR_DIR``), smallest first: the family the tools and configs use."""
+    return {f"cifar_resnet{d}": str(Path(anchor_dir) / f) for d, f in sorted(PRETRAINED_FILES.items())}
 default_cfgs = generate_default_cfgs({
     f"cifar_resnet{d}": _cfg(_AKAMASTER + PRETRAINED_FILES[d] if d in PRETRAINED_FILES else "") for d in DEPTHS
 })
