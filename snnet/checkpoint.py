@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
-
 from snnet.anchors import NetworkConfig, build_network, expand_path
+from snnet.checkpoint_io import CheckpointError, read_checkpoint, state_mismatch
 from snnet.network import StitchableNetwork
 
 PREFIX = "net."
@@ -20,20 +19,24 @@ PREFIX = "net."
 def network_config_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> NetworkConfig:
     section = (checkpoint.get("hyper_parameters") or {}).get("network")
     if not isinstance(section, dict):
-        raise ValueError(f"{path}: no hyper_parameters.network: is it a checkpoint written by `snnet fit` (SNNetModule)?")
-    return NetworkConfig(**section)
+        raise CheckpointError(f"checkpoint {path}: no hyper_parameters.network: is it a checkpoint written by `snnet fit` (SNNetModule)?")
+    try:
+        return NetworkConfig(**section)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: its network config does not build here: {e}") from e
 
 
 def load_network(path: str | os.PathLike) -> tuple[StitchableNetwork, NetworkConfig]:
     """The trained network (eval mode, CPU) and the network config it was built from."""
     path = expand_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     config = network_config_from_checkpoint(checkpoint, path)
     net = build_network(dataclasses.replace(config, pretrained=False, checkpoints=None))
-    state = {k[len(PREFIX):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(PREFIX)}
+    state = {k[len(PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
     if not state:
-        raise ValueError(f"{path}: the state_dict holds no '{PREFIX}*' weights of a stitchable network")
+        raise CheckpointError(f"checkpoint {path}: the state_dict holds no '{PREFIX}*' weights of a stitchable network")
+    mismatch = state_mismatch(net.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit the network of its own config ({mismatch})")
     net.load_state_dict(state, strict=True)
     return net.eval(), config

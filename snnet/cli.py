@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
-from lightning import LightningModule
+from lightning import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from snnet.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from snnet.errors import BadFileError
 
 LIGHTNING_COMMANDS = {
     "fit": "Train all stitches jointly (least-squares init at start).",
@@ -21,7 +26,8 @@ LIGHTNING_COMMANDS = {
 
 
 class SNNetCLI(LightningCLI):
-    """LightningCLI with the datamodule sized from the model's data config.
+    """LightningCLI with the datamodule sized from the model's data config, atomic checkpoint
+    writes, and checked ``--ckpt_path`` files.
 
     The model is chosen by ``model.class_path`` in the config (``snnet.module.SNNetModule`` for
     SN-Net, other snnet modules for the other methods); each exposes ``data_config``.
@@ -29,6 +35,21 @@ class SNNetCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.data_config", "data.init_args.data_config", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a --ckpt_path file's hyper-parameters first: check it before torch.load does
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, saving checkpoints atomically unless a config gives its own checkpoint IO plugin."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> SNNetCLI:
@@ -66,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     command = argv[0]
     if command in LIGHTNING_COMMANDS:
-        build_cli(None if from_command_line else argv)
+        try:
+            build_cli(None if from_command_line else argv)
+        except BadFileError as e:  # a broken checkpoint or results file: one line, not a traceback
+            print(f"snnet {command}: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
     elif command in COMMANDS:
         COMMANDS[command][0](argv[1:])
     else:

@@ -7,6 +7,7 @@ CLI links from the model; subclasses only say where the images are.
 """
 from __future__ import annotations
 
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -17,12 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from snnet.anchors import expand_path
+from snnet.determinism import SAMPLE, SeededSamples, derive_seed
 
 TRAIN_TRANSFORMS: tuple[str, ...] = ("timm", "cifar", "eval")
 DATA_ENV = "SNNET_DATA_DIR"
+
+log = logging.getLogger(__name__)
 
 
 def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
@@ -65,25 +69,29 @@ class ClassSubset(Dataset):
         return image, self.remap[int(label)]
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffles by a permutation drawn from (seed, epoch), so a resumed run sees the same order;
-    ``skip`` drops the first indices of the next epoch once (resuming mid-epoch). Under DDP,
-    Lightning wraps it in a distributed sampler that splits the indices by rank."""
+class EpochSampler(DistributedSampler):
+    """This rank's share of a permutation drawn from (seed, epoch), as ``(index, sample seed)`` keys
+    for :class:`~snnet.determinism.SeededSamples`, so order and augmentation are functions of
+    (seed, epoch, rank, world size) only and a resumed run sees what an uninterrupted one sees.
 
-    def __init__(self, length: int, seed: int, skip: int = 0) -> None:
-        self.length, self.seed, self.skip, self.epoch = length, seed, skip, 0
+    The starting ``epoch`` is given at construction: a loader with workers starts them, and draws
+    from the sampler, as soon as its iterator is created, which Lightning does before its
+    ``set_epoch``. ``skip`` drops this rank's first indices of that epoch once (resuming mid-epoch).
+    Rank ``r`` of ``w`` takes every ``w``-th index from ``r`` of the permutation cut to a multiple of
+    ``w``. A :class:`DistributedSampler` so that Lightning uses it as it is instead of wrapping it.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
+    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0, epoch: int = 0, skip: int = 0) -> None:
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed, drop_last=True)
+        self.length, self.epoch, self.skip = length, epoch, skip
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.length, generator=generator)[self.skip:]
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        sample_seeds = torch.randint(2**62, (self.length,), generator=torch.Generator().manual_seed(
+            derive_seed(self.seed, SAMPLE, self.epoch)))
+        order = order[: self.total_size][self.rank :: self.num_replicas][self.skip :]
         self.skip = 0
-        return iter(order.tolist())
+        return zip(order.tolist(), sample_seeds[order].tolist())
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -129,7 +137,7 @@ class ImageDataModule(L.LightningDataModule):
         self.classes = list(classes) if classes is not None else None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self.resume_skip_batches = 0
+        self.resume_state: dict[str, int] | None = None  # from a checkpoint, used by the next train loader
 
     # --- what subclasses provide --------------------------------------------------------------
     def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
@@ -190,25 +198,41 @@ class ImageDataModule(L.LightningDataModule):
         xs, ys = zip(*(subset[i] for i in range(len(subset))))
         return torch.stack(xs), torch.as_tensor(ys)
 
-    # --- resuming mid-epoch: the same data order from the next unseen batch -----------------
+    # --- resuming: the same data order and augmentation from the next unseen batch ------------
     def state_dict(self) -> dict[str, int]:
+        """Where the next training batch falls: its epoch and how many of that epoch's batches are done."""
         trainer = self.trainer
         if trainer is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= trainer.num_training_batches:  # saved at the end of an epoch: nothing to skip
-            done = 0
-        return {"batches_done": int(done), "world_size": trainer.world_size}
+        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        return {"epoch": int(epoch), "batches_done": int(done), "world_size": trainer.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.resume_skip_batches = state.get("batches_done", 0) * state.get("world_size", 1)
+        self.resume_state = dict(state)
+
+    def _train_sampler(self, length: int) -> EpochSampler:
+        """This rank's sampler, starting at the epoch and batch a resumed run left off (once)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        state, self.resume_state = self.resume_state, None
+        if state is None:
+            return EpochSampler(length, self.seed, world, rank, trainer.current_epoch if trainer is not None else 0)
+        saved_world = state.get("world_size", 1)
+        if saved_world != world:
+            log.warning("resuming on %d processes a run saved on %d: the data split differs from the uninterrupted run's",
+                        world, saved_world)
+        skip = state.get("batches_done", 0) * self.batch_size * saved_world // world
+        return EpochSampler(length, self.seed, world, rank, state.get("epoch", 0), skip)
 
     def _loader(self, train: bool) -> DataLoader:
         self.setup()
-        dataset, batch_size = (self.train_set, self.batch_size) if train else (self.val_set, self.eval_batch_size)
-        sampler = EpochSampler(len(dataset), self.seed, self.resume_skip_batches * batch_size) if train else None
         if train:
-            self.resume_skip_batches = 0
+            dataset, batch_size = SeededSamples(self.train_set), self.batch_size
+            sampler = self._train_sampler(len(dataset))
+        else:
+            dataset, batch_size, sampler = self.val_set, self.eval_batch_size, None
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=train,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,

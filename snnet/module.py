@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,7 +19,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from snnet.anchors import NetworkConfig, build_network, create_anchor
 from snnet.choice import StitchChoice
+from snnet.checkpoint_io import check_fits
 from snnet.compile import compile_stitchable
+from snnet.determinism import STEP, derive_seed, seed_global_rngs
 from snnet.optim import decay_groups, warmup_cosine
 from snnet.profile import count_flops, unfused_attention
 from snnet.results import StitchResult
@@ -82,26 +82,6 @@ class StitchInitConfig:
     images: int = 100
     ridge: float = 0.0
     batch_size: int = 50
-
-
-def rng_states() -> dict[str, Any]:
-    """torch, CUDA, numpy and Python RNG states as tensors and plain values (weights_only-loadable)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-              "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _as_config(cls: type, value: Any) -> Any:
@@ -236,12 +216,13 @@ class SNNetModule(L.LightningModule):
         if self.trainer.state.fn != "fit":
             self.init_stitches()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["snnet_rng_states"] = rng_states()  # dropout and mixup draws resume exactly
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "snnet_rng_states" in checkpoint:
-            set_rng_states(checkpoint["snnet_rng_states"])
+        if self.strict_loading:  # one line instead of load_state_dict's list of every key
+            check_fits(self, checkpoint, self._trainer.ckpt_path if self._trainer is not None else None)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # dropout, drop-path and mixup draw from (seed, epoch, batch, rank): a resumed run draws the same
+        seed_global_rngs(derive_seed(self.seed, STEP, self.current_epoch, batch_idx, self.global_rank))
 
     # --- training ---------------------------------------------------------------------------
     def forward(self, x: Tensor, stitch: int | None = None) -> Tensor:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from snnet.errors import BadFileError
+
 METRICS: tuple[str, ...] = ("acc1", "acc5")
 COSTS: dict[str, str] = {"gflops": "flops", "params": "params", "latency_ms": "latency_ms"}
 
@@ -58,10 +60,16 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file not found: {path} (write one with `snnet validate` or `snnet stitches --json`)")
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path}: expected a non-empty JSON list of stitch results")
-    return [StitchResult.from_dict(r) for r in rows]
+    try:
+        rows = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadFileError(f"results file {path}: not valid JSON ({e})") from e
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise BadFileError(f"results file {path}: expected a non-empty JSON list of stitch results (objects)")
+    try:
+        return [StitchResult.from_dict(r) for r in rows]
+    except (ValueError, TypeError) as e:
+        raise BadFileError(f"results file {path}: {e}") from e
 
 
 def _score(r: StitchResult, metric: str) -> float:

@@ -1,0 +1,129 @@
+"""Checkpoint files that survive a kill, and one clear line for a file that cannot be used.
+
+:class:`AtomicCheckpointIO` (the default of ``snnet fit``) writes ``<name>.partial`` beside the
+target, flushes it to disk and renames it over the target: a run killed while saving leaves the
+previous ``last.ckpt`` whole. (Lightning's own writer stages the bytes in the system temp folder
+and moves them, which turns into a non-atomic copy when that folder is on another file system.)
+:func:`read_checkpoint` is the one reader of every entry point (fit/validate ``--ckpt_path``,
+``export``, ``bench latency``): truncated files, random bytes and non-Lightning files raise
+:class:`CheckpointError` naming the file, what is wrong and the newest complete checkpoint beside it.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import Tensor
+
+from snnet.errors import BadFileError
+
+PARTIAL = ".partial"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+class CheckpointError(BadFileError):
+    """A checkpoint file that cannot be used; the message names it and says why."""
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """A whole torch.save archive (its zip directory, written last, is there), without loading it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def newest_complete_beside(path: str | os.PathLike) -> Path | None:
+    """The most recently written complete ``*.ckpt`` in ``path``'s folder other than ``path``."""
+    path = Path(path)
+    others = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve() and p.is_file()]
+    for other in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True):
+        if is_complete(other):
+            return other
+    return None
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty (a write that never finished?)"
+    if head != ZIP_MAGIC:
+        return "not a PyTorch checkpoint (it does not start like a torch.save archive)"
+    if not is_complete(path):
+        return "truncated: the archive ends before its directory (a write that was cut off?)"
+    return f"unreadable ({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'no message'})"
+
+
+def unusable(path: str | os.PathLike, reason: str) -> CheckpointError:
+    """The error for checkpoint ``path``, with the newest complete checkpoint beside it as a way out."""
+    other = newest_complete_beside(path)
+    hint = (f"; the newest complete checkpoint beside it is {other} (resume with --ckpt_path {other})" if other
+            else "; no complete checkpoint beside it")
+    return CheckpointError(f"checkpoint {path}: {reason}{hint}")
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = True,
+                    load: Callable[..., Any] = torch.load) -> dict[str, Any]:
+    """``load`` (torch.load) of a Lightning checkpoint, or a :class:`CheckpointError` that says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
+        raise unusable(path, _why_unreadable(path, e)) from e
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise unusable(path, "a torch file but not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def state_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 3) -> str | None:
+    """One line on how ``found`` differs from ``expected`` (missing, unexpected, other shapes), or None."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)]
+    parts = [f"{len(items)} {what} (e.g. {', '.join(items[:limit])})"
+             for what, items in (("missing weights", missing), ("unexpected weights", unexpected), ("other shapes", shapes)) if items]
+    return "; ".join(parts) or None
+
+
+def check_fits(module: torch.nn.Module, checkpoint: dict[str, Any], path: str | os.PathLike | None) -> None:
+    """A :class:`CheckpointError` if the checkpoint's weights are not those of ``module``'s architecture."""
+    mismatch = state_mismatch(module.state_dict(), checkpoint.get("state_dict", {}))
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path}: written for another architecture than the config's ({mismatch})")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes to ``<path>.partial``, fsyncs, renames over ``path``; reads with :func:`read_checkpoint`.
+    Remote (fsspec URL) paths fall back to Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + PARTIAL)
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself reaches the disk
+        finally:
+            os.close(directory)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Callable | Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        return read_checkpoint(path, map_location, weights_only, load=super().load_checkpoint)
