@@ -64,7 +64,7 @@ def tiny_config(out: Path, kill: dict | None = None, devices: int = 1) -> Path:
 def snnet_fit(config: Path, *args: str, expect: str = "ok") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "snnet.cli", "fit", "--config", str(config), *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=1200)  # a guard against hangs
     if expect == "killed":
         assert proc.returncode == -9, f"expected SIGKILL, got rc {proc.returncode}\n{proc.stderr[-3000:]}"
     elif expect == "ok":
@@ -147,3 +147,27 @@ def test_two_process_ddp_killed_and_resumed_equals_uninterrupted(tmp_path):
     snnet_fit(tiny_config(resumed, devices=2), "--ckpt_path", "last")
     assert_same_checkpoint(resumed / "checkpoints" / "last.ckpt", full / "checkpoints" / "last.ckpt")
     assert json.loads((resumed / "fit_results.json").read_text()) == json.loads((full / "fit_results.json").read_text())
+
+
+def test_training_batches_depend_on_seed_and_epoch_only():
+    """Same augmented batches with 0 or 2 workers, a resumed epoch's rest equals its tail, and two
+    ranks split each epoch's permutation."""
+    from helpers import tiny_module
+    from snnet.data import DigitsDataModule, EpochSampler
+
+    module = tiny_module(teacher=None)
+
+    def batches(num_workers: int, epoch: int, skip_batches: int = 0) -> list[torch.Tensor]:
+        dm = DigitsDataModule(data_config=module.data_config, batch_size=16, train_limit=64, num_workers=num_workers,
+                              train_transform="cifar")
+        dm.load_state_dict({"epoch": epoch, "batches_done": skip_batches, "world_size": 1})
+        return [x for x, _ in dm.train_dataloader()]
+
+    full = batches(0, epoch=2)
+    assert all(torch.equal(a, b) for a, b in zip(full, batches(2, epoch=2)))
+    rest = batches(2, epoch=2, skip_batches=1)
+    assert len(rest) == len(full) - 1 and all(torch.equal(a, b) for a, b in zip(full[1:], rest))
+    assert not torch.equal(full[0], batches(0, epoch=3)[0])  # another epoch: another order and augmentation
+    ranks = [[i for i, _ in EpochSampler(10, 0, 2, r, epoch=1)] for r in (0, 1)]
+    whole = [i for i, _ in EpochSampler(10, 0, epoch=1)]
+    assert ranks[0] == whole[0::2] and ranks[1] == whole[1::2]
