@@ -19,6 +19,7 @@ from snnet.export import export_stitch, extract_stitch, load_stitch
 from snnet.module import DistillConfig, OptimConfig, SNNetModule, StitchInitConfig
 from snnet.network import StitchableNetwork
 from snnet.optim import decay_groups
+from snnet.results import select_stitch
 from snnet.stitching import StitchingLayer
 
 # beside the data (../shared/data -> ../shared/reference), as .ci/run lays them out
@@ -199,6 +200,10 @@ def test_two_way_lora_module_trains_and_scores_every_route(tmp_path):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.validate(module, data)
     assert [r.id for r in module.results] == list(range(15))
+    two_hop = [r for r in module.results if len(module.net.configs[r.id].hops) == 2]
+    budget = min(r.flops for r in two_hop) / 1e9  # a budget that admits the cheapest two-hop route
+    best = select_stitch(module.results, max_gflops=budget)
+    assert best.acc1 == max(r.acc1 for r in module.results if r.gflops <= budget)
 
 
 @pytest.mark.slow

@@ -52,19 +52,21 @@ def front_figures(results: Sequence[StitchResult], net: StitchableNetwork) -> di
     }
 
 
-def build(config: dict, two_way: bool, lora_rank: int) -> tuple[SNNetModule, L.LightningDataModule]:
+def build(config: dict, two_way: bool, lora_rank: int, num_workers: int | None = None) -> tuple[SNNetModule, L.LightningDataModule]:
     init = config["model"]["init_args"]
     network = {**init["network"], "two_way": two_way, "stitch_lora_rank": lora_rank}
     L.seed_everything(config.get("seed_everything", 0))
     module = SNNetModule(**{**init, "network": network})
     module_name, cls = config["data"]["class_path"].rsplit(".", 1)
     data_cls = getattr(importlib.import_module(module_name), cls)
-    data = data_cls(data_config=module.data_config, **config["data"].get("init_args", {}))
+    data_args = {**config["data"].get("init_args", {}), **({} if num_workers is None else {"num_workers": num_workers})}
+    data = data_cls(data_config=module.data_config, **data_args)
     return module, data
 
 
-def run_variant(config: dict, two_way: bool, lora_rank: int, steps: int, val_batches: int | float) -> dict:
-    module, data = build(config, two_way, lora_rank)
+def run_variant(config: dict, two_way: bool, lora_rank: int, steps: int, val_batches: int | float,
+                num_workers: int | None = None) -> dict:
+    module, data = build(config, two_way, lora_rank, num_workers)
     trainable = sum(p.numel() for p in module.net.stitch_layers.parameters() if p.requires_grad)
     start = time.perf_counter()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--val-batches", type=float, default=1.0, help="Lightning limit_val_batches (int: batches)")
     parser.add_argument("--variants", nargs="+", default=["sl", "two_way", "sl_lora", "two_way_lora"],
                         choices=["sl", "two_way", "sl_lora", "two_way_lora"])
+    parser.add_argument("--num-workers", type=int, help="data loader workers (default: the config's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/two_way_front.json"))
     args = parser.parse_args()
     config = yaml.safe_load(expand_path(args.config).read_text())
@@ -95,7 +98,7 @@ def main() -> None:
     rows = []
     for variant in args.variants:
         row = run_variant(config, variant.startswith("two_way"), args.lora_rank if variant.endswith("lora") else 0,
-                          args.steps, val_batches)
+                          args.steps, val_batches, args.num_workers)
         rows.append({"variant": variant, **row})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "results"}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
