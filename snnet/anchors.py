@@ -46,7 +46,8 @@ class NetworkConfig:
 
     ``checkpoints`` gives one local file (or null) per anchor, or is empty/null for none (on the
     command line ``--model.network.checkpoints []``); ``model_kwargs`` go to every
-    ``timm.create_model`` call (e.g. ``num_classes``, ``img_size``).
+    ``timm.create_model`` call (e.g. ``num_classes``, ``img_size``). ``two_way``: SN-Netv2's
+    configuration space; ``stitch_lora_rank``: LoRA stitching layers of that rank (0: plain).
     """
 
     anchors: list[str]
@@ -58,6 +59,8 @@ class NetworkConfig:
     nearest: bool = True
     stitch_stages: list[int] | None = None
     input_size: tuple[int, int, int] | None = None
+    two_way: bool = False
+    stitch_lora_rank: int = 0
 
     def __post_init__(self) -> None:
         if not self.anchors:
@@ -78,5 +81,6 @@ def build_network(cfg: NetworkConfig) -> StitchableNetwork:
     ]
     return StitchableNetwork(
         anchors, names=cfg.anchors, kernel_size=cfg.kernel_size, stride=cfg.stride, nearest=cfg.nearest,
-        stitch_stages=cfg.stitch_stages, input_size=cfg.input_size,
+        stitch_stages=cfg.stitch_stages, input_size=cfg.input_size, two_way=cfg.two_way,
+        stitch_lora_rank=cfg.stitch_lora_rank,
     )

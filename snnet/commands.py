@@ -46,6 +46,8 @@ def stitches_command(argv: Sequence[str]) -> None:
     parser.add_argument("--stride", type=int)
     parser.add_argument("--nearest", type=str2bool, help="stitch adjacent anchors only (true/false)")
     parser.add_argument("--stitch-stages", type=int, nargs="+", help="stages where stitching is allowed")
+    parser.add_argument("--two-way", type=str2bool, help="SN-Netv2's space: both directions and two-hop routes (true/false)")
+    parser.add_argument("--stitch-lora-rank", type=int, help="LoRA stitching layers of this rank (0: plain)")
     parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     parser.add_argument("--num-classes", type=int)
     parser.add_argument("--json", type=Path, help="write the table as a JSON list here")
@@ -55,7 +57,8 @@ def stitches_command(argv: Sequence[str]) -> None:
     overrides = {
         "anchors": args.anchors, "pretrained": args.pretrained, "checkpoints": args.checkpoints,
         "kernel_size": args.kernel_size, "stride": args.stride, "nearest": args.nearest,
-        "stitch_stages": args.stitch_stages, "input_size": tuple(args.input_size) if args.input_size else None,
+        "stitch_stages": args.stitch_stages, "two_way": args.two_way, "stitch_lora_rank": args.stitch_lora_rank,
+        "input_size": tuple(args.input_size) if args.input_size else None,
     }
     section.update({k: v for k, v in overrides.items() if v is not None})
     if args.num_classes is not None:

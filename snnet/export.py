@@ -62,8 +62,9 @@ class LayerRecipe:
 class StitchRecipe:
     """Everything ``load_stitch`` needs to rebuild the module without the other anchors.
 
-    ``steps`` run after the first anchor's stem and before the last anchor's head:
-    ``["block", anchor, block]`` (anchor: index into ``anchors``) or ``["layer", layer]``.
+    ``steps`` run after the first anchor's stem and before the head of ``anchors[head_anchor]``:
+    ``["block", anchor, block]`` (anchor: index into ``anchors``) or ``["layer", layer]``. Each
+    anchor is listed once, in path order, even when a route returns to it (SN-Netv2's L->S->L).
     """
 
     id: int
@@ -76,6 +77,7 @@ class StitchRecipe:
     layers: list[LayerRecipe]
     steps: list[list]
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    head_anchor: int = -1
     format: str = FORMAT
 
     @classmethod
@@ -104,14 +106,16 @@ def trimmed_copy(model: nn.Module, part: AnchorPart) -> nn.Module:
 
 
 class StitchModule(nn.Module):
-    """One configuration as a plain ``nn.Module``: ``stem(anchors[0])``, the steps, ``head(anchors[-1])``."""
+    """One configuration as a plain ``nn.Module``: ``stem(anchors[0])``, the steps, ``head(anchors[head_anchor])``."""
 
-    def __init__(self, anchors: Sequence[nn.Module], layers: Sequence[StitchingLayer], steps: Sequence[Sequence]) -> None:
+    def __init__(
+        self, anchors: Sequence[nn.Module], layers: Sequence[StitchingLayer], steps: Sequence[Sequence], head_anchor: int = -1
+    ) -> None:
         super().__init__()
         self.anchors = nn.ModuleList(anchors)
         self.stitch_layers = nn.ModuleList(layers)
         views: list[AnchorView] = [anchor_view(m) for m in self.anchors]
-        self._stem, self._head = views[0].stem, views[-1].head
+        self._stem, self._head = views[0].stem, views[head_anchor].head
         self._steps: list[Callable[[Tensor], Tensor]] = [
             views[step[1]].blocks[step[2]] if step[0] == "block" else self.stitch_layers[step[1]] for step in steps
         ]
@@ -126,8 +130,9 @@ class StitchModule(nn.Module):
 def stitch_recipe(net: StitchableNetwork, stitch: int, model_kwargs: dict[str, Any] | None = None) -> StitchRecipe:
     """The path of ``stitch`` in ``net`` as parts of anchors, stitching layers and steps."""
     config = net.configs[net._check_id(stitch)]
-    local = {a: i for i, a in enumerate(config.anchors)}
-    blocks: dict[int, list[int]] = {a: [] for a in config.anchors}
+    unique = list(dict.fromkeys(config.anchors))  # a two-hop route may come back to its first anchor
+    local = {a: i for i, a in enumerate(unique)}
+    blocks: dict[int, list[int]] = {a: [] for a in unique}
     layers: list[int] = []
     steps: list[list] = []
     for anchor, start, stop, layer in net._segments(config):
@@ -137,14 +142,16 @@ def stitch_recipe(net: StitchableNetwork, stitch: int, model_kwargs: dict[str, A
             steps.append(["layer", len(layers)])
             layers.append(layer)
     parts = [
-        AnchorPart(_architecture(net.anchors[a], net.anchor_names[a]), stem=i == 0, blocks=blocks[a], head=i == len(config.anchors) - 1)
-        for i, a in enumerate(config.anchors)
+        AnchorPart(_architecture(net.anchors[a], net.anchor_names[a]), stem=a == config.anchors[0], blocks=sorted(blocks[a]),
+                   head=a == config.anchors[-1])
+        for a in unique
     ]
     info = net.infos[config.id]
     return StitchRecipe(
         id=info.id, name=info.name, flops=info.flops, params=info.params, is_anchor=info.is_anchor,
         input_size=list(net.profiles[config.anchors[0]].input_size), anchors=parts,
         layers=[_layer_recipe(net, layer) for layer in layers], steps=steps, model_kwargs=dict(model_kwargs or {}),
+        head_anchor=local[config.anchors[-1]],
     )
 
 
@@ -173,9 +180,10 @@ def extract_stitch(net: StitchableNetwork, stitch: int) -> StitchModule:
     """
     recipe = stitch_recipe(net, stitch)
     config = net.configs[recipe.id]
-    anchors = [trimmed_copy(net.anchors[a], part) for a, part in zip(config.anchors, recipe.anchors)]
+    anchors = [trimmed_copy(net.anchors[a], part) for a, part in zip(dict.fromkeys(config.anchors), recipe.anchors)]
     used_layers = [h.layer for h in config.hops]
-    module = StitchModule(anchors, [copy.deepcopy(net.stitch_layers[l]) for l in used_layers], recipe.steps)
+    layers = [copy.deepcopy(net.stitch_layers[l].merged()) for l in used_layers]  # LoRA merged: a plain affine map
+    module = StitchModule(anchors, layers, recipe.steps, recipe.head_anchor)
     params = sum(p.numel() for p in module.parameters())
     if params != recipe.params:
         raise RuntimeError(
@@ -188,7 +196,7 @@ def extract_stitch(net: StitchableNetwork, stitch: int) -> StitchModule:
 def build_stitch(recipe: StitchRecipe) -> StitchModule:
     """The module of a recipe with freshly initialised weights: only the anchors on its path are created."""
     anchors = [trimmed_copy(timm.create_model(p.model, pretrained=False, **recipe.model_kwargs), p) for p in recipe.anchors]
-    return StitchModule(anchors, [StitchingLayer(**asdict(l)) for l in recipe.layers], recipe.steps)
+    return StitchModule(anchors, [StitchingLayer(**asdict(l)) for l in recipe.layers], recipe.steps, recipe.head_anchor)
 
 
 def export_stitch(

@@ -42,7 +42,8 @@ class StitchableNetwork(nn.Module):
     Anchors are ordered fast-to-slow by FLOPs whatever order they are given in. Configuration ids
     are stable: anchors first (0..A-1), then stitches in the reference generator's order.
     ``set_stitch(id)`` switches the active path with no allocation; ``forward(x, stitch=id)``
-    overrides it for one call.
+    overrides it for one call. ``two_way``: SN-Netv2's space (both directions, two-hop routes);
+    ``stitch_lora_rank``: LoRA stitching layers of that rank (0: plain affine layers).
     """
 
     def __init__(
@@ -54,6 +55,8 @@ class StitchableNetwork(nn.Module):
         nearest: bool = True,
         stitch_stages: Sequence[int] | None = None,
         input_size: tuple[int, int, int] | None = None,
+        two_way: bool = False,
+        stitch_lora_rank: int = 0,
     ) -> None:
         super().__init__()
         if not anchors:
@@ -73,7 +76,8 @@ class StitchableNetwork(nn.Module):
             AnchorDepths(v.stage_depths, tuple(stitch_stages) if stitch_stages is not None else v.stitch_stages, v.isotropic)
             for v in self.views
         ]
-        self.configs, self.layer_specs = generate_stitch_configs(depths, kernel_size, stride, nearest)
+        self.stitch_lora_rank = stitch_lora_rank
+        self.configs, self.layer_specs = generate_stitch_configs(depths, kernel_size, stride, nearest, two_way)
         self.stitch_layers = nn.ModuleList([self._make_layer(spec) for spec in self.layer_specs])
         self._paths = [self._resolve(c) for c in self.configs]
         self._prefix_tree = _PrefixTree([self._path_keys(c) for c in self.configs], self._key_module)
@@ -89,6 +93,7 @@ class StitchableNetwork(nn.Module):
             out_shape=self._end_input_shape(spec.end, k),
             in_layout=front.layout, out_layout=end.layout,
             in_prefix_tokens=front.num_prefix_tokens, out_prefix_tokens=end.num_prefix_tokens,
+            lora_rank=self.stitch_lora_rank,
         )
 
     def _end_input_shape(self, anchor: int, block: int) -> tuple[int, ...]:
@@ -147,15 +152,16 @@ class StitchableNetwork(nn.Module):
             params += sum(p.block_params[start:stop])
             if layer is not None:
                 flops += self._layer_flops(layer)
-                params += num_params([self.stitch_layers[layer]])
+                params += num_params([self.stitch_layers[layer].merged()])  # deployed: LoRA merged
         name = config_name(config, self.anchor_names, [len(v.blocks) for v in self.views])
         return StitchInfo(config.id, name, flops, params, config.is_anchor)
 
     def _layer_flops(self, layer: int) -> int:
         spec = self.layer_specs[layer]
         shape = self.profiles[spec.front].block_shapes[spec.pairs[0][0]]
-        param = self.stitch_layers[layer].proj.weight
-        _, flops = count_flops(self.stitch_layers[layer], torch.zeros(1, *shape, device=param.device, dtype=param.dtype))
+        module = self.stitch_layers[layer].merged()
+        param = module.proj.weight
+        _, flops = count_flops(module, torch.zeros(1, *shape, device=param.device, dtype=param.dtype))
         return flops
 
     # --- runtime --------------------------------------------------------------------------

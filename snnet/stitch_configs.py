@@ -8,6 +8,9 @@ two deliberate fixes, both documented in the README:
   reference groups them by list position, an accident of ``zip``);
 * a stitch that enters the end anchor at block 0 is fitted to the end anchor's stem output (the
   reference reads block ``-1``, i.e. the last block).
+
+``two_way=True`` generates SN-Netv2's space instead (``two_way_configs``): both directions and
+two-hop routes within each adjacent pair of isotropic anchors.
 """
 from __future__ import annotations
 
@@ -117,17 +120,25 @@ def common_stages(front: AnchorDepths, end: AnchorDepths) -> tuple[int, ...]:
 
 
 def generate_stitch_configs(
-    anchors: Sequence[AnchorDepths], kernel_size: int = 2, stride: int = 1, nearest: bool = True
+    anchors: Sequence[AnchorDepths], kernel_size: int = 2, stride: int = 1, nearest: bool = True, two_way: bool = False
 ) -> tuple[list[StitchConfig], list[LayerSpec]]:
     """All configurations (anchors first, then stitches) and the stitching layers they use.
 
     Anchors must be ordered fast-to-slow. ``nearest`` stitches adjacent anchors only; otherwise
     every ordered subset of two or more anchors is a path, stitched once per consecutive pair.
+    ``two_way``: SN-Netv2's space (``two_way_configs``) instead of SN-Net's.
     """
     if kernel_size < 1 or stride < 1:
         raise ValueError(f"kernel_size and stride must be >= 1, got kernel_size={kernel_size}, stride={stride}")
     if len(anchors) < 1:
         raise ValueError("need at least one anchor")
+    if two_way:
+        if (kernel_size, stride, nearest) != (2, 1, True):
+            raise ValueError(
+                f"two_way stitching has its own hop rule: it supports the defaults kernel_size=2, stride=1, "
+                f"nearest=True only, got kernel_size={kernel_size}, stride={stride}, nearest={nearest}"
+            )
+        return two_way_configs(anchors)
     n = len(anchors)
     pair_list = [(a, a + 1) for a in range(n - 1)] if nearest else list(itertools.combinations(range(n), 2))
     for a, b in pair_list:
@@ -169,6 +180,78 @@ def generate_stitch_configs(
             f"kernel_size={kernel_size}, stride={stride} leave no stitch between anchors with stage depths "
             f"{[a.stage_depths for a in anchors]}"
         )
+    return configs, layers
+
+
+def two_way_hops(shallow: int, deep: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """SN-Netv2's one-hop stitches between a shallow (``shallow`` blocks) and a deep anchor, as
+    (last front block, first end block) pairs: ``(down, up)``.
+
+    Down (shallow -> deep): after shallow block ``j`` enter the deep anchor at ``(j + 1) * deep //
+    shallow``, for every ``j`` (the last one enters after the deep anchor's last block). Up (deep ->
+    shallow): the inverse of every down hop (``two_way_configs`` drops the one into the head). For equal depths and depth ratio 2 (DeiT3-S/B/L) these
+    are the reference's hops exactly; for other depths the reference's code does not apply (its
+    ``i % 2`` rule is written for ratio 2 and its layer ids overflow), this inverse rule does.
+    """
+    down = [(j, (j + 1) * deep // shallow) for j in range(shallow)]
+    up = [(k - 1, j + 1) for j, k in down]
+    return down, up
+
+
+def two_way_configs(anchors: Sequence[AnchorDepths]) -> tuple[list[StitchConfig], list[LayerSpec]]:
+    """SN-Netv2's configuration space (anchors ordered fast-to-slow).
+
+    Per adjacent pair, with S the anchor of fewer blocks (the faster one on a tie) and L the other:
+    S->L, L->S, L->S->L, S->L->S routes, in the reference generator's order. Each one-hop stitch has
+    its own stitching layer, which the two-hop routes through that hop share. A two-hop route leaves
+    its middle anchor at or after the block it entered and does not end on the head alone (the
+    reference's ``front != 11`` exclusion; a one-hop S->L into the L head is kept, as the reference).
+    Two isotropic anchors of depths (12, 24) give 135 configurations, (12, 12) 135, (24, 24) 555.
+
+    Hierarchical anchors (the reference handles isotropic ones only) get the same hop rule inside
+    each stage both may stitch in (a stage's last hop enters the next stage's first block, as a
+    hop after a stage's last block must); S must then have at most L's blocks in every such stage.
+    """
+    layers: list[LayerSpec] = []
+    paths: list[tuple[Hop, ...]] = []
+    total = [sum(a.stage_depths) for a in anchors]
+    for a in range(len(anchors) - 1):
+        s, l = (a, a + 1) if total[a] <= total[a + 1] else (a + 1, a)
+        stages = common_stages(anchors[s], anchors[l])
+        if not stages:
+            raise ValueError(
+                f"two_way stitching needs anchors with the same number of stages and a common stitchable one: anchors "
+                f"{a} and {a + 1} have stage depths {anchors[a].stage_depths} (stitchable {anchors[a].stitch_stages}) "
+                f"and {anchors[a + 1].stage_depths} (stitchable {anchors[a + 1].stitch_stages})"
+            )
+        deeper = [st for st in stages if anchors[s].stage_depths[st] > anchors[l].stage_depths[st]]
+        if deeper:
+            raise ValueError(
+                f"two_way stitching pairs the anchor of fewer blocks with the other stage by stage: anchor {s} "
+                f"(stage depths {anchors[s].stage_depths}) is deeper than anchor {l} ({anchors[l].stage_depths}) in "
+                f"stages {deeper}; supported: one anchor at most as deep as the other in every stitchable stage"
+            )
+        sl, ls = [], []
+        for stage in stages:
+            down, up = two_way_hops(anchors[s].stage_depths[stage], anchors[l].stage_depths[stage])
+            for front, end, pairs, out in ((s, l, down, sl), (l, s, up, ls)):
+                off_front, off_end = anchors[front].stage_offset(stage), anchors[end].stage_offset(stage)
+                for j, k in pairs:
+                    if front == l and off_end + k == total[s]:
+                        continue  # L->S into the S head alone: not a stitch the reference makes
+                    out.append(Hop(front, end, off_front + j, off_end + k, len(layers)))
+                    layers.append(LayerSpec(front, end, stage, ((off_front + j, off_end + k),)))
+
+        def two_hop(first: list[Hop], second: list[Hop]) -> list[tuple[Hop, ...]]:
+            return [(h1, h2) for h1 in first for h2 in second
+                    if h2.front_block >= h1.end_block and h2.end_block < total[h2.end]]
+
+        paths += [(h,) for h in sl] + [(h,) for h in ls] + two_hop(ls, sl) + two_hop(sl, ls)
+    n = len(anchors)
+    configs = [StitchConfig(i, (i,), ()) for i in range(n)]
+    configs += [StitchConfig(n + i, tuple([h.front for h in p] + [p[-1].end]), p) for i, p in enumerate(paths)]
+    if len(configs) == n and n > 1:
+        raise ValueError(f"two_way stitching leaves no stitch between anchors with stage depths {[a.stage_depths for a in anchors]}")
     return configs, layers
 
 

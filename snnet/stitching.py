@@ -3,6 +3,11 @@
 Linear on tokens and NHWC maps, 1x1 conv on NCHW maps. When layouts or spatial sizes differ,
 the input is first brought to the end anchor's grid (token <-> map conversion, bilinear resize);
 the same conversion produces the rows that least squares fits, so fit and forward never disagree.
+
+``lora_rank=r`` (SN-Netv2's LoRA stitching layers): the affine weight (from least squares) is
+frozen and a low-rank update ``B A / r`` is trained with the bias; ``B`` starts at zero, so the
+layer starts as its least-squares map. Training runs the two terms separately; evaluation and
+export use the merged affine map, the same function with a plain layer's parameters.
 """
 from __future__ import annotations
 
@@ -75,8 +80,12 @@ class StitchingLayer(nn.Module):
         out_layout: Layout,
         in_prefix_tokens: int = 0,
         out_prefix_tokens: int = 0,
+        lora_rank: int = 0,
     ) -> None:
         super().__init__()
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: a plain stitching layer), got {lora_rank}")
+        self.shape_args = (tuple(in_shape), tuple(out_shape), in_layout, out_layout, in_prefix_tokens, out_prefix_tokens)
         if (in_layout == "vector") != (out_layout == "vector"):
             raise ValueError(
                 f"cannot stitch a {in_layout} activation {in_shape} to a {out_layout} one {out_shape}: vectors "
@@ -101,9 +110,34 @@ class StitchingLayer(nn.Module):
             self.proj: nn.Module = nn.Conv2d(self.in_features, self.out_features, kernel_size=1)
         else:
             self.proj = nn.Linear(self.in_features, self.out_features)
+        self.lora_rank = lora_rank
+        if lora_rank:
+            self.proj.weight.requires_grad_(False)
+            # as the reference (loralib): A as nn.Linear's default init, B zero, scale alpha / r with alpha 1
+            self.lora_a = nn.Parameter(torch.empty(lora_rank, self.in_features))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+            self.lora_b = nn.Parameter(torch.zeros(self.out_features, lora_rank))
 
     def extra_repr(self) -> str:
-        return f"{self.in_layout} -> {self.out_layout}, direct={self.direct}"
+        lora = f", lora_rank={self.lora_rank}" if self.lora_rank else ""
+        return f"{self.in_layout} -> {self.out_layout}, direct={self.direct}{lora}"
+
+    def affine_weight(self) -> Tensor:
+        """The (out x in) weight of the affine map this layer computes, LoRA update merged in."""
+        weight = self.proj.weight.flatten(1)
+        if self.lora_rank:
+            weight = weight + (self.lora_b @ self.lora_a) / self.lora_rank
+        return weight
+
+    def merged(self) -> "StitchingLayer":
+        """This layer as a plain one (no LoRA): itself when plain, else a new layer holding the
+        merged affine map (what export writes and what FLOPs and parameters are counted on)."""
+        if not self.lora_rank:
+            return self
+        param = self.proj.weight
+        plain = StitchingLayer(*self.shape_args).to(device=param.device, dtype=param.dtype)
+        plain.set_affine(self.affine_weight().detach(), self.proj.bias.detach())
+        return plain.train(self.training)
 
     def align(self, x: Tensor) -> Tensor:
         """Bring ``x`` onto the end anchor's grid, channels last: (B, N, C) or (B, H, W, C)."""
@@ -142,9 +176,23 @@ class StitchingLayer(nn.Module):
         with torch.no_grad():
             self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
             self.proj.bias.copy_(bias)
+            if self.lora_rank:
+                self.lora_b.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.lora_rank and not self.training:
+            weight = self.affine_weight()
+            if self.direct and self.in_layout == "nchw":
+                return F.conv2d(x, weight[:, :, None, None], self.proj.bias)
+            return from_channels_last(F.linear(self.align(x), weight, self.proj.bias), self.out_layout)
         if self.direct and self.in_layout == "nchw":
-            return self.proj(x)
-        y = F.linear(self.align(x), self.proj.weight.flatten(1), self.proj.bias)
+            y = self.proj(x)
+            if self.lora_rank:
+                update = F.conv2d(F.conv2d(x, self.lora_a[:, :, None, None]), self.lora_b[:, :, None, None])
+                y = y + update / self.lora_rank
+            return y
+        x = self.align(x)
+        y = F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
+        if self.lora_rank:
+            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b) / self.lora_rank
         return from_channels_last(y, self.out_layout)

@@ -71,3 +71,68 @@ def test_names_are_readable():
     assert config_name(configs[0], names, [12] * 3) == "deit_tiny"
     hop = configs[3].hops[0]
     assert config_name(configs[3], names, [12] * 3) == f"deit_tiny[0:{hop.front_block + 1}] -> deit_small[{hop.end_block}:]"
+
+
+def _two_way(*depths):
+    return generate_stitch_configs([AnchorDepths((d,), (0,), True) for d in depths], two_way=True)
+
+
+@pytest.mark.parametrize(
+    "depths, counts",  # anchors, S->L, L->S, L->S->L, S->L->S: the reference's get_stitch_configs_bidirection
+    [((12, 24), (2, 12, 11, 55, 55)), ((12, 12), (2, 12, 11, 55, 55)), ((24, 24), (2, 24, 23, 253, 253))],
+)
+def test_two_way_counts_are_the_reference(depths, counts):
+    configs, layers = _two_way(*depths)
+    assert len(configs) == sum(counts) and [c.id for c in configs] == list(range(sum(counts)))
+    routes = [(0, 1), (1, 0), (1, 0, 1), (0, 1, 0)]  # in the reference's order, after the anchors
+    assert [c.anchors for c in configs] == [(0,), (1,)] + [r for r, n in zip(routes, counts[1:]) for _ in range(n)]
+    assert len(layers) == counts[1] + counts[2]  # one layer per one-hop stitch, shared by the two-hop routes
+
+
+def test_two_way_hops_and_layer_sharing_follow_the_reference():
+    configs, layers = _two_way(12, 24)
+    sl = [c.hops[0] for c in configs[2:14]]
+    ls = [c.hops[0] for c in configs[14:25]]
+    assert [(h.front_block, h.end_block) for h in sl] == [(i, 2 * (i + 1)) for i in range(12)]
+    assert [(h.front_block, h.end_block) for h in ls] == [(i, i // 2 + 1) for i in range(1, 23, 2)]
+    one_hop = {(h.front, h.front_block, h.end_block): h.layer for h in sl + ls}
+    for c in configs[25:]:
+        first, second = c.hops
+        assert second.front_block >= first.end_block  # the middle anchor runs at least one block
+        assert second.end_block < (24 if second.end == 1 else 12)  # never ends on the head alone
+        assert all(h.layer == one_hop[(h.front, h.front_block, h.end_block)] for h in c.hops)
+    for i, spec in enumerate(layers):
+        assert {(h.front_block, h.end_block) for c in configs for h in c.hops if h.layer == i} == set(spec.pairs)
+    names = ["deit3_small", "deit3_large"]
+    assert config_name(configs[80], names, [12, 24]) == "deit3_small[0:1] -> deit3_large[2:4] -> deit3_small[2:]"
+    assert config_name(configs[25], names, [12, 24]) == "deit3_large[0:2] -> deit3_small[1:2] -> deit3_large[4:]"
+
+
+def test_two_way_more_anchors_pair_adjacent_ones():
+    configs, layers = _two_way(12, 12, 24)
+    assert len(configs) == 3 + 133 + 133  # each adjacent pair: its 135 - 2 routes
+    assert {c.anchors[0] + c.anchors[1] for c in configs[3:136]} == {1} and {min(c.anchors) for c in configs[136:]} == {1}
+    assert len(layers) == 2 * 23
+
+
+def test_two_way_hierarchical_hops_stay_in_their_stage():
+    """ResNet-20 -> ResNet-56 style (3 vs 9 blocks per stage, stitching in stages 0 and 1)."""
+    configs, layers = generate_stitch_configs([AnchorDepths((3,) * 3, (0, 1), False), AnchorDepths((9,) * 3, (0, 1), False)], two_way=True)
+    sl = [c.hops[0] for c in configs if c.anchors == (0, 1)]
+    ls = [c.hops[0] for c in configs if c.anchors == (1, 0)]
+    assert [(h.front_block, h.end_block) for h in sl] == [(0, 3), (1, 6), (2, 9), (3, 12), (4, 15), (5, 18)]
+    # a stage's last hop enters the next stage's first block, in both directions
+    assert [(h.front_block, h.end_block) for h in ls] == [(2, 1), (5, 2), (8, 3), (11, 4), (14, 5), (17, 6)]
+    assert [spec.stage for spec in layers] == [0] * 6 + [1] * 6  # stage-major: down then up hops
+    assert len(configs) == 2 + 6 + 6 + 15 + 15
+
+
+def test_two_way_bad_input_names_what_is_supported():
+    with pytest.raises(ValueError, match="same number of stages"):
+        generate_stitch_configs([DEIT, SWIN_T], two_way=True)
+    with pytest.raises(ValueError, match="at most as deep as the other in every stitchable stage"):
+        generate_stitch_configs([AnchorDepths((3, 1), (0, 1), False), AnchorDepths((2, 4), (0, 1), False)], two_way=True)
+    with pytest.raises(ValueError, match="nearest=True"):
+        generate_stitch_configs([DEIT] * 3, nearest=False, two_way=True)
+    with pytest.raises(ValueError, match="kernel_size=2, stride=1"):
+        generate_stitch_configs([DEIT] * 2, kernel_size=3, two_way=True)

@@ -1,0 +1,114 @@
+"""SN-Net's space vs SN-Netv2's two-way space, plain vs LoRA stitching layers, on one fit config.
+
+Trains each variant for the same number of steps (so the two-way space spreads them over more
+configurations), scores every configuration on the validation split and prints the front figures:
+stitches on the measured accuracy-FLOPs front, stitches more than 1 point below the lower anchor of
+their pair, and the median signed gap to the straight line between their pair's anchors at their
+FLOPs (FLOPs clamped to the anchors' range).
+
+    python tools/pretrain_quickstart.py
+    python tools/two_way_front.py --config configs/quickstart.yaml --steps 250 --lora-rank 8
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import yaml
+
+from snnet.anchors import expand_path
+from snnet.module import SNNetModule
+from snnet.network import StitchableNetwork
+from snnet.results import StitchResult, pareto_front
+
+
+def front_figures(results: Sequence[StitchResult], net: StitchableNetwork) -> dict[str, float]:
+    """The front figures of SN-Net's training issue for measured ``results`` of ``net``'s configurations.
+
+    A stitch's pair is the fastest and the slowest anchor on its route (anchor ids are fast-to-slow);
+    its lower anchor is the pair's faster one. Kept here until snnet.results has them.
+    """
+    by_id = {r.id: r for r in results}
+    anchors = {c.anchors[0]: by_id[c.id] for c in net.configs if c.is_anchor}
+    stitches = [r for r in results if not r.is_anchor]
+    on_front = {r.id for r in pareto_front(results)}
+    below, gaps = 0, []
+    for r in stitches:
+        route = net.configs[r.id].anchors
+        low, high = anchors[min(route)], anchors[max(route)]
+        below += r.acc1 < low.acc1 - 1.0
+        f = min(max(r.flops, low.flops), high.flops)
+        line = low.acc1 + (high.acc1 - low.acc1) * (f - low.flops) / (high.flops - low.flops)
+        gaps.append(r.acc1 - line)
+    return {
+        "stitches": len(stitches), "on_front": sum(r.id in on_front for r in stitches), "below_lower_anchor": below,
+        "median_gap": statistics.median(gaps) if gaps else float("nan"),
+    }
+
+
+def build(config: dict, two_way: bool, lora_rank: int, num_workers: int | None = None) -> tuple[SNNetModule, L.LightningDataModule]:
+    init = config["model"]["init_args"]
+    network = {**init["network"], "two_way": two_way, "stitch_lora_rank": lora_rank}
+    L.seed_everything(config.get("seed_everything", 0))
+    module = SNNetModule(**{**init, "network": network})
+    module_name, cls = config["data"]["class_path"].rsplit(".", 1)
+    data_cls = getattr(importlib.import_module(module_name), cls)
+    data_args = {**config["data"].get("init_args", {}), **({} if num_workers is None else {"num_workers": num_workers})}
+    data = data_cls(data_config=module.data_config, **data_args)
+    return module, data
+
+
+def run_variant(config: dict, two_way: bool, lora_rank: int, steps: int, val_batches: int | float,
+                num_workers: int | None = None) -> dict:
+    module, data = build(config, two_way, lora_rank, num_workers)
+    trainable = sum(p.numel() for p in module.net.stitch_layers.parameters() if p.requires_grad)
+    start = time.perf_counter()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, data)
+    train_s = time.perf_counter() - start
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        limit_val_batches=val_batches, enable_model_summary=False)
+    trainer.validate(module, data, verbose=False)
+    figures = front_figures(module.results, module.net)
+    return {"two_way": two_way, "lora_rank": lora_rank, "configs": module.net.num_configs, "steps": steps,
+            "steps_per_config": steps / module.net.num_configs, "trainable_stitch_params": trainable,
+            "train_s": round(train_s, 1), **figures, "results": [r.to_dict() for r in module.results]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"))
+    parser.add_argument("--steps", type=int, default=250, help="training steps per variant (same for all)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--val-batches", type=float, default=1.0, help="Lightning limit_val_batches (int: batches)")
+    parser.add_argument("--variants", nargs="+", default=["sl", "two_way", "sl_lora", "two_way_lora"],
+                        choices=["sl", "two_way", "sl_lora", "two_way_lora"])
+    parser.add_argument("--num-workers", type=int, help="data loader workers (default: the config's)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/two_way_front.json"))
+    args = parser.parse_args()
+    config = yaml.safe_load(expand_path(args.config).read_text())
+    val_batches = int(args.val_batches) if args.val_batches > 1 else args.val_batches
+    rows = []
+    for variant in args.variants:
+        row = run_variant(config, variant.startswith("two_way"), args.lora_rank if variant.endswith("lora") else 0,
+                          args.steps, val_batches, args.num_workers)
+        rows.append({"variant": variant, **row})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "results"}), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    print("| variant | configs | steps/config | trainable stitch params | on front | > 1 pt below lower anchor | median gap (pts) | train s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['configs']} | {r['steps_per_config']:.1f} | {r['trainable_stitch_params']} | "
+              f"{r['on_front']}/{r['stitches']} | {r['below_lower_anchor']} | {r['median_gap']:+.2f} | {r['train_s']} |")
+
+
+if __name__ == "__main__":
+    main()
