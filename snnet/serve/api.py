@@ -61,13 +61,15 @@ class StitchAPI(ls.LitAPI):
     def predict(self, batch: Any) -> Any:
         single = not isinstance(batch, list)  # max_batch_size 1: LitServe hands over one request
         items = [batch] if single else batch
+        start = time.perf_counter()
         x = torch.from_numpy(np.stack([item[0] for item in items])).to(self.torch_device)
         stitches = [item[1] for item in items]
         probs = self.net.forward_rows(x, stitches).float().softmax(-1)
         values, indices = probs.topk(max(item[2] for item in items), dim=-1)
         values, indices = values.cpu().tolist(), indices.cpu().tolist()  # one transfer per batch
+        batch_info = {"size": len(items), "stitches": len(set(stitches)), "forward_ms": (time.perf_counter() - start) * 1e3}
         outputs = [
-            {"stitch": s, "top": list(zip(indices[r][:k], values[r][:k])), "batch_size": len(items)}
+            {"stitch": s, "top": list(zip(indices[r][:k], values[r][:k])), "batch": batch_info}
             for r, (_, s, k) in enumerate(items)
         ]
         return outputs[0] if single else outputs
@@ -98,7 +100,7 @@ class ServeState:
             "top": [{"class": c, "name": names[c] if names else str(c), "prob": p} for c, p in output["top"]],
             "stitch": self.catalog.describe(output["stitch"]),
             "chosen_by": chosen_by,
-            "batch_size": output["batch_size"],
+            "batch": output["batch"],  # the dynamic batch it ran in: rows, distinct stitches, forward time
             "time_ms": time_ms,
         }
 

@@ -112,6 +112,7 @@ $('file').onchange = async () => {
     out.top.map(t => `<tr><td>${t.name}</td><td><span class="bar" style="width:${Math.round(t.prob * 150)}px"></span></td><td>${(100 * t.prob).toFixed(1)}%</td></tr>`).join('') + '</table>';
   refresh();
 };
+$('key').value = new URLSearchParams(location.search).get('key') || '';  // /?key=... opens a keyed server
 refresh(); setInterval(refresh, 2000);
 </script></body></html>
 """
