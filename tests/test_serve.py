@@ -56,18 +56,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt, results, *options, timeout=180.0):
+def start_server(ckpt, results, *options, timeout=300.0):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # small models: no thread contention
+    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
     proc = subprocess.Popen(
         [sys.executable, "-m", "snnet.cli", "serve", "--ckpt", str(ckpt), "--results", str(results), "--port", str(port), *options],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"snnet serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            raise RuntimeError(f"snnet serve exited with {proc.returncode}:\n{read_log(proc)}")
         try:
             if requests.get(url + "/health", headers=HEADERS, timeout=2).status_code == 200:
                 return proc, url
@@ -75,14 +77,19 @@ def start_server(ckpt, results, *options, timeout=180.0):
             pass
         time.sleep(0.3)
     proc.kill()
-    raise RuntimeError(f"snnet serve did not get healthy in {timeout} s:\n{proc.stdout.read()}")
+    raise RuntimeError(f"snnet serve did not get healthy in {timeout} s:\n{read_log(proc)}")
+
+
+def read_log(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 @pytest.fixture(scope="module")
 def server(quickstart):
     ckpt, results = quickstart
     proc, url = start_server(ckpt, results, "--api-key", KEY, "--batch-timeout-ms", "30", "--max-image-pixels", "1000000",
-                             "--max-payload-mb", "3", "--slo-ms", "1000", "--device", "cpu")
+                             "--max-payload-mb", "3", "--slo-ms", "1000", "--device", "cpu", "--max-batch-size", "8")
     yield proc, url
     if proc.poll() is None:
         proc.kill()
@@ -182,6 +189,12 @@ def _noise_png(width, height) -> bytes:
     return buffer.getvalue()
 
 
+def _flat_png(width, height) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 90, 90)).save(buffer, format="PNG")  # compresses to a few KB
+    return buffer.getvalue()
+
+
 def test_every_bad_request_gets_its_status_and_message_and_the_server_keeps_serving(server, reference):
     _, url = server
     net, _, _, images, results = reference
@@ -190,7 +203,7 @@ def test_every_bad_request_gets_its_status_and_message_and_the_server_keeps_serv
         (post(url, b"not an image at all"), 400, "not a decodable image"),
         (post(url, b"\x89PNG\r\n\x1a\n junk", multipart=True), 400, "not a decodable image"),
         (requests.post(url + "/predict", json={"image": "%%%"}, headers=HEADERS, timeout=10), 400, "not valid base64"),
-        (post(url, _noise_png(1200, 1000)), 413, "image is 1200x1000 = 1200000 pixels; the limit is 1000000 pixels"),
+        (post(url, _flat_png(1200, 1000)), 413, "image is 1200x1000 = 1200000 pixels; the limit is 1000000 pixels"),
         (post(url, images[0], stitch=net.num_configs), 422, f"unknown stitch {net.num_configs}: valid ids are 0..{net.num_configs - 1}"),
         (post(url, images[0], max_gflops=cheapest.gflops / 2), 422, f"below the cheapest stitch {cheapest.id} ({cheapest.name})"),
         (post(url, images[0], max_gflops="cheap"), 400, "max_gflops must be a number, got 'cheap'"),
@@ -258,7 +271,7 @@ def test_page_renders_the_front_and_the_current_stitch_in_a_browser(server):
 def test_sigterm_finishes_the_requests_in_flight(server, reference):
     """Last: it stops the module's server."""
     proc, url = server
-    image = _noise_png(900, 900)  # about 50 ms to decode and resize each: a queue to drain
+    image = _noise_png(700, 700)  # 1.5 MB, tens of ms to decode and resize each: a queue to drain
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(post, url, image, stitch=i % 9) for i in range(16)]
         futures[0].result()
@@ -266,4 +279,4 @@ def test_sigterm_finishes_the_requests_in_flight(server, reference):
         codes = [f.result().status_code for f in futures]
     assert codes == [200] * 16
     assert proc.wait(60) == 0
-    assert "snnet serve: stopped" in proc.stdout.read()
+    assert "snnet serve: stopped" in read_log(proc)

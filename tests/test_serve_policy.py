@@ -52,18 +52,24 @@ def test_slo_policy_serves_the_most_accurate_stitch_that_fits_and_moves_with_the
     assert tight.choose(1) == 2 and tight.choose(2) == 1
 
 
-def test_slo_policy_learns_the_overhead_it_observes():
+def test_slo_policy_learns_the_overhead_it_observes_and_falls_back_with_the_load():
     policy = SLOPolicy(RESULTS, TABLE, slo_ms=10.0, margin=1.0, alpha=0.5)
-    policy.observe(2, 1, 10.0)  # 6 ms more than the forward: overhead 3 after one step
-    assert policy.overhead_ms == pytest.approx(3.0)
-    policy.observe(2, 1, 10.0)
-    assert policy.overhead_ms == pytest.approx(4.5)
-    assert policy.choose(1) == 2  # large: 4.5 + 4 = 8.5 <= 10
-    assert policy.choose(2) == 1  # large: 4.5 + 6 > 10; mid: 4.5 + 3
-    policy.observe(0, 1, 0.0)  # faster than modelled: the overhead shrinks, never below zero
-    for _ in range(20):
-        policy.observe(0, 1, 0.0)
-    assert policy.overhead_ms == 0.0
+    policy.observe(2, 1, 11.0)  # 7 ms more than the forward, one depth seen: a flat overhead of 7
+    assert policy.overhead(1) == pytest.approx(7.0) and policy.overhead(5) == pytest.approx(7.0)
+    assert policy.choose(1) == 1  # large: 7 + 4 > 10; mid: 7 + 2
+    fit = SLOPolicy(RESULTS, TABLE, slo_ms=10.0, margin=1.0, alpha=0.1)
+    for _ in range(200):  # residual = 1 + 2 * depth, e.g. waiting behind the others' decoding
+        fit.observe(0, 1, 1.0 + 2.0 + TABLE.queue_ms(0, 1))
+        fit.observe(1, 4, 1.0 + 8.0 + TABLE.queue_ms(1, 4))
+    a, b = fit.overhead.coefficients()
+    assert a == pytest.approx(1.0, abs=1e-6) and b == pytest.approx(2.0, abs=1e-6)
+    assert fit.choose(1) == 2  # 3 + 4 <= 10: the most accurate at light load
+    assert fit.choose(3) == 0  # 7 + 8, 7 + 4 > 10; 7 + 2 <= 10
+    assert fit.choose(1) == 2  # back when the load falls
+    assert fit.describe()["overhead_per_request_ms"] == pytest.approx(2.0)
+    for _ in range(300):  # faster than modelled: never below zero
+        fit.observe(0, 1, 0.0)
+    assert fit.overhead(1) >= 0.0 and fit.overhead.coefficients()[0] >= 0.0
     with pytest.raises(ValueError, match="slo_ms must be positive"):
         SLOPolicy(RESULTS, TABLE, slo_ms=0)
 

@@ -50,12 +50,12 @@ def digit_images(n: int) -> list[str]:
     return out
 
 
-def start(ckpt: str, results: str, options: list[str], timeout: float = 300) -> tuple[subprocess.Popen, str]:
+def start(ckpt: str, results: str, options: list[str], threads: str, timeout: float = 600) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "snnet.cli", "serve", "--ckpt", ckpt, "--results", results,
-                             "--port", str(port), *options], env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             "--port", str(port), *options], env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=160, help="requests per step")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests before the steps")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", default="1", help="OMP_NUM_THREADS of the server (1: no contention with the HTTP process)")
     parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more snnet serve options (last)")
     parser.add_argument("--out", default="outputs/bench_serve.json")
     args = parser.parse_args()
@@ -135,7 +136,7 @@ def main() -> None:
     images = digit_images(64)
     rows = []
     for name, options in policies.items():
-        proc, url = start(args.ckpt, args.results, [*options, "--device", args.device, *args.serve_args])
+        proc, url = start(args.ckpt, args.results, [*options, "--device", args.device, *args.serve_args], args.threads)
         try:
             run_step(url, images, 1, args.warmup)
             for step, clients in enumerate(args.steps):

@@ -14,10 +14,10 @@ PAGE = """<!doctype html>
 <h1>snnet serve: one stitchable network, every budget</h1>
 <div class="muted" id="policy">loading...</div>
 <div class="row">
- <div class="card"><svg id="plot" width="560" height="360"></svg>
+ <div class="card" style="max-width:560px"><svg id="plot" width="560" height="360"></svg>
   <div class="muted">dots: measured stitches (GFLOPs, top-1); line: Pareto front; ring: stitch the policy serves now;
    square: the budget's choice; star: anchors</div></div>
- <div class="card" style="min-width:330px">
+ <div class="card" style="width:360px">
   <div><b>Budget</b> (max GFLOPs over the front):
    <input type="range" id="budget" min="0" max="0" value="0" style="width:100%">
    <div id="budgetText"></div>
@@ -46,7 +46,7 @@ function paretoFront(rows, metric) {
 }
 function budgetChoice() { return front[+$('budget').value]; }
 function draw() {
-  const svg = $('plot'), W = 560, H = 360, m = {l: 50, r: 15, t: 15, b: 40}, metric = table.metric;
+  const svg = $('plot'), W = 560, H = 360, m = {l: 50, r: 30, t: 15, b: 40}, metric = table.metric;
   const rows = table.stitches.filter(r => r[metric] !== null);
   const xs = rows.map(r => r.gflops), ys = rows.map(r => r[metric]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);

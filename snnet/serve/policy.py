@@ -2,10 +2,12 @@
 latency target at the current load (``--policy slo``).
 
 Pure objects over measured numbers (no clock, no server), so their decisions can be tested exactly.
-The SLO policy models a request's latency as ``overhead + queue(stitch, depth)``: ``queue`` drains
-``depth`` in-flight requests in batches of at most ``max_batch`` with the latencies measured per
-stitch and batch size at start-up; ``overhead`` (decoding, transport, everything but the forward) is
-learnt online from the latencies the server observes, so the model stays honest on a busy machine.
+The SLO policy models a request's latency as ``overhead(depth) + queue(stitch, depth)``: ``queue``
+drains ``depth`` in-flight requests in batches of at most ``max_batch`` with the latencies measured
+per stitch and batch size at start-up; ``overhead(depth) = a + b * depth`` (decoding, transport,
+waiting behind the other requests' decoding: everything but the forward) is fitted online to the
+latencies the server observes, so the model stays honest on a busy machine and, being a function of
+the depth, falls back when the load does.
 """
 from __future__ import annotations
 
@@ -87,15 +89,40 @@ class FixedPolicy:
 
 
 @dataclass
+class OverheadFit:
+    """``residual ~ a + b * depth`` by exponentially weighted least squares (newest weight ``alpha``);
+    ``a, b >= 0``. One depth seen so far: ``b = 0`` and ``a`` its weighted mean."""
+
+    alpha: float = 0.05
+    sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # weight, d, d^2, r, d*r
+
+    def update(self, depth: float, residual: float) -> None:
+        terms = (1.0, depth, depth * depth, residual, depth * residual)
+        self.sums = [(1 - self.alpha) * s + self.alpha * t for s, t in zip(self.sums, terms)]
+
+    def coefficients(self) -> tuple[float, float]:
+        w, d, dd, r, dr = self.sums
+        if w == 0:
+            return 0.0, 0.0
+        det = w * dd - d * d
+        b = max(0.0, (w * dr - d * r) / det) if det > 1e-9 * w * w else 0.0
+        return max(0.0, (r - b * d) / w), b
+
+    def __call__(self, depth: float) -> float:
+        a, b = self.coefficients()
+        return a + b * depth
+
+
+@dataclass
 class SLOPolicy:
     """The most accurate stitch whose expected latency at the current depth meets ``slo_ms * margin``.
 
     Candidates are the stitches on the latency/accuracy Pareto front (for latency, the batch-1
     column of ``latency``): any other stitch is slower and less accurate than one of them. When none
     meets the target the fastest answers. ``margin`` < 1 leaves room for the spread around the
-    expected value, so the 95th percentile, not just the mean, stays under the SLO. ``overhead_ms``
-    follows the observed latency minus the modelled forward time (exponential average, weight
-    ``alpha``), never below 0.
+    expected value, so the 95th percentile, not just the mean, stays under the SLO. The overhead
+    follows the observed latency minus the modelled forward time (:class:`OverheadFit`, weight
+    ``alpha``).
     """
 
     results: Sequence[StitchResult]
@@ -103,10 +130,10 @@ class SLOPolicy:
     slo_ms: float
     margin: float = 0.8
     alpha: float = 0.05
-    overhead_ms: float = 0.0
     metric: str = "acc1"
     candidates: list[StitchResult] = field(init=False)
     current: int = field(init=False)
+    overhead: OverheadFit = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.slo_ms > 0:
@@ -121,9 +148,10 @@ class SLOPolicy:
         front = pareto_front(rows, cost="latency_ms", metric=self.metric)
         self.candidates = sorted(front, key=lambda r: -getattr(r, self.metric))  # most accurate first
         self.current = self.candidates[0].id
+        self.overhead = OverheadFit(self.alpha)
 
     def expected_ms(self, stitch: int, depth: int) -> float:
-        return self.overhead_ms + self.latency.queue_ms(stitch, depth)
+        return self.overhead(depth) + self.latency.queue_ms(stitch, depth)
 
     def choose(self, depth: int) -> int:
         target = self.slo_ms * self.margin
@@ -132,13 +160,12 @@ class SLOPolicy:
         return chosen
 
     def observe(self, stitch: int, depth: int, latency_ms: float) -> None:
-        if stitch not in self.latency.ms or not math.isfinite(latency_ms):
-            return
-        residual = latency_ms - self.latency.queue_ms(stitch, depth)
-        self.overhead_ms = max(0.0, (1 - self.alpha) * self.overhead_ms + self.alpha * residual)
+        if stitch in self.latency.ms and math.isfinite(latency_ms):
+            self.overhead.update(depth, latency_ms - self.latency.queue_ms(stitch, depth))
 
     def describe(self) -> dict:
+        a, b = self.overhead.coefficients()
         return {
-            "policy": "slo", "slo_ms": self.slo_ms, "margin": self.margin, "overhead_ms": round(self.overhead_ms, 3),
-            "candidates": [r.id for r in self.candidates], "current": self.current,
+            "policy": "slo", "slo_ms": self.slo_ms, "margin": self.margin, "overhead_ms": round(a, 3),
+            "overhead_per_request_ms": round(b, 3), "candidates": [r.id for r in self.candidates], "current": self.current,
         }
