@@ -168,8 +168,8 @@ A request that names no stitch is answered by the policy:
          meets --slo-ms x --margin at the number of requests in flight when it arrives. The
          expected latency drains that queue in batches of --max-batch-size with each stitch's
          forward latency per batch size (measured at start-up, or --latency results), plus an
-         overhead learnt from the latencies observed. Under load it moves to cheaper stitches, back
-         when the load falls; when none fits, the fastest answers.
+         overhead a + b x depth fitted to the latencies observed. Under load it moves to cheaper
+         stitches, back when the load falls; when none fits, the fastest answers.
   fixed  always --stitch ID (a baseline).
 """
 
@@ -267,8 +267,8 @@ A request that names no stitch is answered by the policy:
          meets --slo-ms x --margin at the number of requests in flight when it arrives. The
          expected latency drains that queue in batches of --max-batch-size with each stitch's
          forward latency per batch size (measured at start-up, or --latency results), plus an
-         overhead learnt from the latencies observed. Under load it moves to cheaper stitches, back
-         when the load falls; when none fits, the fastest answers.
+         overhead a + b x depth fitted to the latencies observed. Under load it moves to cheaper
+         stitches, back when the load falls; when none fits, the fastest answers.
   fixed  always --stitch ID (a baseline).
 """
 

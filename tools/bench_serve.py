@@ -122,17 +122,23 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", default="1", help="OMP_NUM_THREADS of the server (1: no contention with the HTTP process)")
     parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more snnet serve options (last)")
+    parser.add_argument("--policies", nargs="+", default=["slo", "largest", "smallest"],
+                        help="slo, largest (fixed on the largest anchor), smallest (fixed on the smallest)")
     parser.add_argument("--out", default="outputs/bench_serve.json")
     args = parser.parse_args()
 
     results = load_results(args.results)
     acc = {r.id: r.acc1 for r in results}
     anchors = sorted((r for r in results if r.is_anchor), key=lambda r: r.flops)
-    policies = {
-        "slo": ["--policy", "slo", "--slo-ms", str(args.slo_ms)],
-        f"fixed largest ({anchors[-1].id})": ["--policy", "fixed", "--stitch", str(anchors[-1].id)],
-        f"fixed smallest ({anchors[0].id})": ["--policy", "fixed", "--stitch", str(anchors[0].id)],
+    known = {
+        "slo": ("slo", ["--policy", "slo", "--slo-ms", str(args.slo_ms)]),
+        "largest": (f"fixed largest ({anchors[-1].id})", ["--policy", "fixed", "--stitch", str(anchors[-1].id)]),
+        "smallest": (f"fixed smallest ({anchors[0].id})", ["--policy", "fixed", "--stitch", str(anchors[0].id)]),
     }
+    unknown = sorted(set(args.policies) - set(known))
+    if unknown:
+        parser.error(f"unknown policies {unknown}; choose from {sorted(known)}")
+    policies = dict(known[p] for p in args.policies)
     images = digit_images(64)
     rows = []
     for name, options in policies.items():
