@@ -291,14 +291,17 @@ def test_page_renders_the_front_and_the_current_stitch_in_a_browser(server):
 
 
 def test_sigterm_finishes_the_requests_in_flight(server, reference):
-    """Last: it stops the module's server."""
+    """Last: it stops the module's server. Requests the server had started (``in_flight`` in /stats)
+    when SIGTERM came must all be answered; ones not yet accepted may be refused."""
     proc, url = server
     image = _noise_png(700, 700)  # 1.5 MB, tens of ms to decode and resize each: a queue to drain
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(post, url, image, stitch=i % 9) for i in range(16)]
-        futures[0].result()
+        deadline, in_flight = time.monotonic() + 120, 0
+        while in_flight < 8 and time.monotonic() < deadline:
+            in_flight = requests.get(url + "/stats", headers=HEADERS, timeout=30).json()["in_flight"]
         proc.send_signal(signal.SIGTERM)
-        codes = [f.result().status_code for f in futures]
-    assert codes == [200] * 16
-    assert proc.wait(60) == 0
+        answered = sum(f.exception() is None and f.result().status_code == 200 for f in futures)
+    assert in_flight >= 8 and answered >= in_flight, (in_flight, answered)
+    assert proc.wait(120) == 0
     assert "snnet serve: stopped" in read_log(proc)
