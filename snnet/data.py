@@ -39,6 +39,16 @@ def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     return Subset(dataset, order[:limit].tolist())
 
 
+def _class_names(dataset: Dataset, classes: list[int] | None) -> list[str] | None:
+    """Names of the labels 0..k-1 (``.classes`` of ImageFolder, torchvision CIFAR, the digits), or None."""
+    if isinstance(dataset, ClassSubset):
+        dataset = dataset.dataset
+    names = getattr(dataset, "classes", None)
+    if names is None:
+        return None
+    return [str(names[c]) for c in classes] if classes is not None else [str(n) for n in names]
+
+
 def _labels(dataset: Dataset) -> list[int]:
     """Every example's label without loading images (``targets`` of ImageFolder/CIFAR, ``labels``)."""
     for attr in ("targets", "labels"):
@@ -138,6 +148,7 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.resume_state: dict[str, int] | None = None  # from a checkpoint, used by the next train loader
+        self.class_names: list[str] | None = None  # set by setup() where the data names its classes
 
     # --- what subclasses provide --------------------------------------------------------------
     def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
@@ -187,6 +198,7 @@ class ImageDataModule(L.LightningDataModule):
         train, val = self._datasets(train_tf, eval_tf)
         self.train_set = _subset(train, self.train_limit, self.seed)
         self.val_set = _subset(val, self.val_limit, self.seed)
+        self.class_names = _class_names(train, self.classes)
 
     def calibration_batch(self, n: int) -> tuple[Tensor, Tensor]:
         """``n`` un-augmented training images (a fixed random draw) for least-squares init."""
@@ -199,15 +211,19 @@ class ImageDataModule(L.LightningDataModule):
         return torch.stack(xs), torch.as_tensor(ys)
 
     # --- resuming: the same data order and augmentation from the next unseen batch ------------
-    def state_dict(self) -> dict[str, int]:
-        """Where the next training batch falls: its epoch and how many of that epoch's batches are done."""
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next training batch falls (its epoch and how many of that epoch's batches are
+        done) and the class names, so a server can answer with names (snnet serve)."""
         trainer = self.trainer
         if trainer is None:
             return {}
         epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
             epoch, done = epoch + 1, 0
-        return {"epoch": int(epoch), "batches_done": int(done), "world_size": trainer.world_size}
+        state: dict[str, Any] = {"epoch": int(epoch), "batches_done": int(done), "world_size": trainer.world_size}
+        if self.class_names is not None:
+            state["class_names"] = self.class_names
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_state = dict(state)
@@ -328,6 +344,8 @@ class TorchvisionCIFARDataModule(ImageDataModule):
 
 class DigitsDataset(Dataset):
     """scikit-learn's 8x8 handwritten digits (ships with scikit-learn: no download) as RGB PIL images."""
+
+    classes: tuple[str, ...] = tuple(str(d) for d in range(10))
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
         self.images, self.labels, self.transform = images, labels, transform

@@ -198,6 +198,14 @@ class StitchableNetwork(nn.Module):
         """
         return self._prefix_tree.run(x, [self._check_id(s) for s in stitches])
 
+    def forward_rows(self, x: Tensor, stitches: Sequence[int]) -> Tensor:
+        """Row ``r`` of ``x`` through configuration ``stitches[r]``, for serving a batch whose requests
+        chose different stitches: each shared prefix step runs once, on just the rows whose paths share
+        it (a mixed batch costs no more than its rows' own paths, their common prefixes counted once)."""
+        if len(stitches) != x.shape[0]:
+            raise ValueError(f"got {len(stitches)} stitch ids for a batch of {x.shape[0]} rows")
+        return self._prefix_tree.run_rows(x, [self._check_id(s) for s in stitches])
+
     def forward_many_flops(self, stitches: Sequence[int]) -> int:
         """FLOPs per image of ``forward_many(x, stitches)``: every distinct prefix step counted once
         (one stitch at a time costs ``sum(self.infos[s].flops)``)."""
@@ -303,6 +311,30 @@ class _PrefixTree:
         out: dict[int, Tensor] = {}
         self._walk(root, x, out)
         return out
+
+    def run_rows(self, x: Tensor, ids: Sequence[int]) -> Tensor:
+        """Row r through path ids[r]; a trie node runs once on the rows of every path below it."""
+        root: dict = {}
+        for row, i in enumerate(ids):
+            children = root
+            for key in self.paths[i]:
+                rows, children = children.setdefault(key, ([], {}))
+                rows.append(row)
+        out: list[Tensor] = []
+        self._walk_rows(root, x, list(range(len(ids))), out, len(ids))
+        return out[0]
+
+    def _walk_rows(self, children: dict, h: Tensor, rows_h: list[int], out: list[Tensor], n: int) -> None:
+        position = {r: p for p, r in enumerate(rows_h)}
+        for key, (rows, grandchildren) in children.items():
+            part = h if len(rows) == len(rows_h) else h[torch.tensor([position[r] for r in rows], device=h.device)]
+            y = self.module_of(key)(part)
+            if grandchildren:
+                self._walk_rows(grandchildren, y, rows, out, n)
+                continue
+            if not out:  # a path's last step (the head): scatter its rows into the batch output
+                out.append(y.new_empty((n, *y.shape[1:])))
+            out[0][torch.tensor(rows, device=y.device)] = y
 
     def steps(self, ids: Sequence[int]) -> list[tuple]:
         """The last key of every distinct prefix of these paths: the steps ``run`` computes."""

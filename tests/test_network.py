@@ -176,3 +176,18 @@ def test_fit_rows_at_equals_the_full_rows_at_those_indices(case):
     full = layer.fit_rows(x)
     rows = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(1))[: full.shape[0] // 3]
     torch.testing.assert_close(layer.fit_rows_at(x, rows), full[rows])  # float32 rounding only (~1e-6)
+
+
+def test_forward_rows_runs_each_row_through_its_own_stitch(vit_net):
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 32, 32)
+    stitches = [5, 0, 5, 17, 2, 0, 9]
+    with torch.no_grad():
+        mixed = vit_net.forward_rows(x, stitches)
+        for r, s in enumerate(stitches):
+            torch.testing.assert_close(mixed[r:r + 1], vit_net(x[r:r + 1], stitch=s), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(vit_net.forward_rows(x[:3], [4, 4, 4]), vit_net(x[:3], stitch=4))
+    with pytest.raises(ValueError, match="got 2 stitch ids for a batch of 7 rows"):
+        vit_net.forward_rows(x, [0, 1])
+    with pytest.raises(IndexError, match="valid ids are 0..22"):
+        vit_net.forward_rows(x[:1], [23])

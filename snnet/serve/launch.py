@@ -1,0 +1,173 @@
+"""Start-up: check the files, measure what the policy needs, build the server, run it until a signal.
+
+Everything that can make a start fail (a missing or corrupt checkpoint or results file, results of
+another network, a stitch id out of range) fails here, in the main process, with the file or value
+named, before any worker starts.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from snnet.latency import measure_latency, resolve_device
+from snnet.network import StitchableNetwork
+from snnet.results import StitchResult, load_results
+from snnet.serve.policy import FixedPolicy, LatencyTable, Policy, SLOPolicy
+
+POLICIES: tuple[str, ...] = ("slo", "fixed")
+LATENCY_SOURCES: tuple[str, ...] = ("measure", "results")
+
+
+@dataclass
+class ServeConfig:
+    """``snnet serve`` options (see ``snnet serve --help`` for what each does)."""
+
+    ckpt: str
+    results: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: Literal["slo", "fixed"] = "slo"
+    slo_ms: float = 20.0
+    margin: float = 0.8
+    stitch: int | None = None
+    latency: Literal["measure", "results"] = "measure"
+    device: str = "auto"
+    max_batch_size: int = 16
+    batch_timeout_ms: float = 2.0
+    top_k: int = 5
+    api_key: str | None = None
+    max_image_pixels: int = 4096 * 4096
+    max_payload_mb: float = 16.0
+    metric: str = "acc1"
+    log_level: str = "warning"
+    fast_queue: bool = True  # LitServe's ZeroMQ transport: fewer process hops per request than its manager queues
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {POLICIES}")
+        if self.latency not in LATENCY_SOURCES:
+            raise ValueError(f"unknown latency source {self.latency!r}; choose one of {LATENCY_SOURCES}")
+        if self.policy == "fixed" and self.stitch is None:
+            raise ValueError("--policy fixed needs --stitch ID (the stitch to serve)")
+        if self.policy == "slo" and self.stitch is not None:
+            raise ValueError(f"--stitch {self.stitch} is for --policy fixed; the slo policy chooses the stitch itself")
+        for name in ("max_batch_size", "top_k", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.slo_ms <= 0 or self.batch_timeout_ms < 0 or self.max_payload_mb <= 0:
+            raise ValueError(f"need slo_ms > 0, batch_timeout_ms >= 0, max_payload_mb > 0; got {self.slo_ms}, "
+                             f"{self.batch_timeout_ms}, {self.max_payload_mb}")
+
+
+def read_checkpoint(path: str | Path) -> tuple[StitchableNetwork, list[str] | None]:
+    """The trained network and the class names its data saved (None where it had none)."""
+    from snnet.checkpoint import load_network
+    from snnet.checkpoint_io import read_checkpoint as read_file
+
+    net, _ = load_network(path)  # errors name the file (snnet.checkpoint_io.CheckpointError)
+    checkpoint = read_file(path)
+    names = next((v["class_names"] for v in checkpoint.values() if isinstance(v, dict) and "class_names" in v), None)
+    return net, None if names is None else [str(n) for n in names]
+
+
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below ``max_batch``, and ``max_batch``: the sizes the latency table holds."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_batch)
+
+
+def measure_table(net: StitchableNetwork, ids: list[int], sizes: tuple[int, ...], device: str) -> LatencyTable:
+    """Median forward latency of each stitch at each batch size, on the serving device."""
+    per_size = [measure_latency(net, ids, b, device=device, warmup=2, repeats=7, progress=False) for b in sizes]
+    return LatencyTable(sizes, {s: tuple(m[s] for m in per_size) for s in ids})
+
+
+def data_config(net: StitchableNetwork) -> dict:
+    """The anchors' timm data config, as ``SNNetModule.data_config`` gives the datamodule."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(model=net.anchors[0])
+    cfg["input_size"] = net.profiles[0].input_size
+    return cfg
+
+
+def eval_transform(net: StitchableNetwork):
+    """The validation transform of ``snnet validate`` (the datamodules' own, from the data config)."""
+    from snnet.data import ImageDataModule
+
+    return ImageDataModule(data_config=data_config(net)).transforms()[1]
+
+
+def build_server(cfg: ServeConfig):
+    """Check the files, measure the latencies, and return the LitServer (not yet running) and its state."""
+    from snnet.choice import check_results_match
+    from snnet.latency import with_latency
+    from snnet.serve.api import ServeState, StitchAPI, StitchServer
+    from snnet.serve.request import Catalog
+    from snnet.serve.stats import ServeStats
+
+    results = load_results(cfg.results)  # errors name the file
+    net, class_names = read_checkpoint(cfg.ckpt)
+    try:
+        check_results_match(net, results)
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"results file {cfg.results} does not describe checkpoint {cfg.ckpt}: {e}") from None
+    if cfg.stitch is not None:
+        net._check_id(cfg.stitch)
+    if cfg.policy == "slo" and any(getattr(r, cfg.metric) is None for r in results):
+        raise ValueError(f"--policy slo needs {cfg.metric} for every stitch in {cfg.results}: write it with `snnet validate`")
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    device = str(resolve_device(device))
+    sizes = batch_sizes(cfg.max_batch_size)
+    ids = [r.id for r in results]
+    if cfg.latency == "results":
+        table = LatencyTable.from_results(results, sizes)
+    else:
+        table = measure_table(net, ids, sizes, device)
+    # a request's max_latency_ms resolves on the file's latencies where it has them (as `snnet select`),
+    # else on the batch-1 latencies measured here
+    results = [r if r.latency_ms is not None else with_latency([r], {r.id: table.batch_ms(r.id, 1)})[0] for r in results]
+    num_classes = int(getattr(net.anchors[-1], "num_classes"))
+    if class_names is not None and len(class_names) != num_classes:
+        class_names = None
+    policy: Policy = (FixedPolicy(cfg.stitch) if cfg.policy == "fixed"
+                      else SLOPolicy(results, table, cfg.slo_ms, cfg.margin, metric=cfg.metric))
+    state = ServeState(
+        catalog=Catalog(net.table(), results, num_classes, class_names, cfg.metric), transform=eval_transform(net),
+        policy=policy, stats=ServeStats(slo_ms=cfg.slo_ms if cfg.policy == "slo" else None), top_k=min(cfg.top_k, num_classes),
+        max_pixels=cfg.max_image_pixels,
+    )
+    del net
+    api = StitchAPI(str(Path(cfg.ckpt).resolve()), cfg.max_batch_size, cfg.batch_timeout_ms / 1e3, cfg.api_key)
+    server = StitchServer(
+        api, state, accelerator=torch.device(device).type, devices=1, timeout=30,
+        max_payload_size=int(cfg.max_payload_mb * 2**20), disable_openapi_url=True, fast_queue=cfg.fast_queue,
+    )
+    return server, state
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run until SIGINT or SIGTERM; either stops new connections and finishes the in-flight requests."""
+    server, state = build_server(cfg)
+    main_pid = os.getpid()
+
+    def stop(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:  # the HTTP process (forked) re-raises it once drained: just exit
+            raise SystemExit(0)
+        raise KeyboardInterrupt  # SIGTERM takes LitServe's Ctrl+C path: drain the HTTP process, then stop
+
+    signal.signal(signal.SIGTERM, stop)
+    policy = state.policy.describe()
+    print(f"snnet serve: {len(state.catalog.infos)} stitches of {cfg.ckpt} on http://{cfg.host}:{cfg.port} "
+          f"(policy {policy}); Ctrl+C to stop", flush=True)
+    server.run(host=cfg.host, port=cfg.port, log_level=cfg.log_level, generate_client_file=False, num_api_servers=1)
+    print("snnet serve: stopped", flush=True)
+
