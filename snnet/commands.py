@@ -160,57 +160,7 @@ def bench_latency_command(argv: Sequence[str]) -> None:
     print(f"wrote latency_ms of {len(results)} stitches to {out}")
 
 
-BENCH_SERVE_HELP = """\
-Serve every stitch of one trained network over HTTP (LitServe): POST /predict with an image (JSON
-{"image": "<base64>"} or a multipart upload 'image') and optionally "stitch": ID or a budget
-("max_gflops", "max_params", "max_latency_ms", resolved as `snnet select` does); GET / is a page
-with the Pareto plot, a budget slider and an upload; GET /stats, /stitches, /health.
-
-A request that names no stitch is answered by the policy:
-  slo    (default) the most accurate stitch on the latency/accuracy front whose expected latency
-         meets --slo-ms x --margin at the number of requests in flight when it arrives. The
-         expected latency drains that queue in batches of --max-batch-size with each stitch's
-         forward latency per batch size (measured at start-up, or --latency results), plus an
-         overhead a + b x depth fitted to the latencies observed. Under load it moves to cheaper
-         stitches, back when the load falls; when none fits, the fastest answers.
-  fixed  always --stitch ID (a baseline).
-"""
-
-
-def serve_command(argv: Sequence[str]) -> None:
-    from snnet.serve.launch import ServeConfig, serve
-
-    parser = argparse.ArgumentParser(prog="snnet serve", description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, required=True, help="snnet fit checkpoint (e.g. outputs/quickstart/**/last.ckpt)")
-    parser.add_argument("--results", type=Path, required=True, help="results JSON with every stitch's accuracy (snnet validate/fit)")
-    parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"])
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--policy", default="slo", choices=["slo", "fixed"], help="who chooses when a request does not (above)")
-    parser.add_argument("--slo-ms", type=float, default=20.0, help="latency target of --policy slo (ms, server side)")
-    parser.add_argument("--margin", type=float, default=0.8, help="slo: aim the expected latency at this fraction of --slo-ms")
-    parser.add_argument("--stitch", type=int, help="--policy fixed: the stitch id to serve")
-    parser.add_argument("--latency", default="measure", choices=["measure", "results"],
-                        help="slo: time every stitch per batch size at start-up, or take the results' latency_ms (snnet bench latency)")
-    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="dynamic batching: at most this many requests per forward")
-    parser.add_argument("--batch-timeout-ms", type=float, default=2.0, help="dynamic batching: wait this long to fill a batch")
-    parser.add_argument("--top-k", type=int, default=5, help="classes per answer unless a request sets top_k")
-    parser.add_argument("--api-key", help="require this X-API-Key header (LitServe's API key; default $LIT_SERVER_API_KEY)")
-    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="refuse larger images (413)")
-    parser.add_argument("--max-payload-mb", type=float, default=16.0, help="refuse larger request bodies (413)")
-    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-    args = parser.parse_args(argv)
-    options = {k: v for k, v in vars(args).items()}
-    options["ckpt"], options["results"] = str(args.ckpt), str(args.results)
-    options["api_key"] = args.api_key or os.environ.get("LIT_SERVER_API_KEY")
-    try:
-        serve(ServeConfig(**options))
-    except (ValueError, FileNotFoundError, IndexError) as e:
-        print(f"snnet serve: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
-
-
-COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
+BENCH_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "latency": (bench_latency_command, "Median forward latency of every stitch on this device, written into a results file."),
 }
 
