@@ -63,14 +63,17 @@ def registered_adapter(model: nn.Module) -> Callable[[nn.Module], AnchorView] | 
     return next((_FAMILIES[cls] for cls in type(model).__mro__ if cls in _FAMILIES), None)
 
 
-def anchor_view(model: nn.Module, blocks: Sequence[str] | None = None) -> AnchorView:
+def anchor_view(
+    model: nn.Module, blocks: Sequence[str] | None = None, input_size: tuple[int, int, int] | None = None
+) -> AnchorView:
     """The block view of ``model``: its hand adapter if one is registered, else the generic splitter.
 
     ``blocks`` names the block modules (e.g. ``["features.0", "features.3"]``) and always uses the
     generic splitter. Generic views are verified (``stem -> blocks -> head == model(x)``) and cached
-    per model, so later calls (export, general stitching) return the same split.
+    per model, so later calls (export, general stitching) return the same split. ``input_size``
+    (C, H, W) is the probe image size for the generic splitter (default: the model's own).
     """
     from snnet.families.generic import generic_view
 
     adapter = registered_adapter(model) if blocks is None else None
-    return adapter(model) if adapter is not None else generic_view(model, blocks)
+    return adapter(model) if adapter is not None else generic_view(model, blocks, input_size)

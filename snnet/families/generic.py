@@ -214,10 +214,11 @@ def _live_sets(nodes: list[fx.Node], free: set[fx.Node]) -> list[set[fx.Node]]:
     return live
 
 
-def _cuts(nodes: list[fx.Node], live: list[set[fx.Node]], is_tensor: dict[fx.Node, bool], block_pos: list[int]) -> list[int | None]:
-    """Cut positions (cut after node p): before the first block (latest), after each block (earliest)."""
+def _cuts(nodes: list[fx.Node], live: list[set[fx.Node]], block_pos: list[int]) -> list[int | None]:
+    """Cut positions (cut after node p, where one value is live): before the first block (latest),
+    after each block (earliest). That the value is a tensor is checked when the pieces run."""
     def valid(p: int) -> bool:
-        return len(live[p]) == 1 and is_tensor.get(next(iter(live[p])), False)
+        return len(live[p]) == 1
 
     first = next((p for p in range(block_pos[0] - 1, -1, -1) if valid(p)), None)
     bounds = [*block_pos[1:], len(nodes) - 1]
@@ -338,18 +339,20 @@ def _run(stem: nn.Module, units: list[nn.Module], x: Tensor) -> tuple[Tensor, li
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
-def generic_view(model: nn.Module, blocks: Sequence[str] | None = None) -> AnchorView:
+def generic_view(
+    model: nn.Module, blocks: Sequence[str] | None = None, input_size: tuple[int, int, int] | None = None
+) -> AnchorView:
     """The verified generic split of ``model`` (cached per model; see the module docstring)."""
     cached = _CACHE.get(model)
     if cached is not None and (blocks is None or cached["requested"] == tuple(blocks)):
         return AnchorView(model=model, **cached["fields"])
-    fields = _split(model, blocks)
+    fields = _split(model, blocks, input_size)
     _CACHE[model] = {"requested": tuple(blocks) if blocks is not None else None, "fields": fields}
     return AnchorView(model=model, **fields)
 
 
 @torch.no_grad()
-def _split(model: nn.Module, blocks: Sequence[str] | None) -> dict[str, Any]:
+def _split(model: nn.Module, blocks: Sequence[str] | None, input_size: tuple[int, int, int] | None) -> dict[str, Any]:
     names = list(blocks) if blocks is not None else discover_blocks(model)
     if not names:
         raise SplitError(model, "no block sequence found in its structure")
@@ -362,13 +365,16 @@ def _split(model: nn.Module, blocks: Sequence[str] | None) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     try:
-        x = torch.randn(2, *_input_size(model), generator=torch.Generator().manual_seed(0))
-        single = _single_tensor_modules(model, x)
-        kept = [(n, m) for n, m in zip(names, modules) if id(m) in single]  # e.g. a patch embed returning (x, size)
-        if not kept:
-            raise SplitError(model, f"none of its blocks {names[:3]}... returns one tensor")
-        names, modules = [n for n, _ in kept], [m for _, m in kept]
-        traced, root = _trace(model, names, {id(m) for m in modules} | (_glue_modules(model, names) & single))
+        x = torch.randn(2, *(input_size or _input_size(model)), generator=torch.Generator().manual_seed(0))
+        try:  # every glue module a leaf: no forward needed before tracing
+            traced, root = _trace(model, names, {id(m) for m in modules} | _glue_modules(model, names))
+        except SplitError:  # e.g. a patch embed returning (x, size): trace through modules returning more than a tensor
+            single = _single_tensor_modules(model, x)
+            kept = [(n, m) for n, m in zip(names, modules) if id(m) in single]
+            if not kept:
+                raise SplitError(model, f"none of its blocks {names[:3]}... returns one tensor") from None
+            names, modules = [n for n, _ in kept], [m for _, m in kept]
+            traced, root = _trace(model, names, {id(m) for m in modules} | (_glue_modules(model, names) & single))
         nodes = list(traced.graph.nodes)
         free = _free_nodes(nodes)
         placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -381,10 +387,8 @@ def _split(model: nn.Module, blocks: Sequence[str] | None) -> dict[str, Any]:
             raise SplitError(model, f"none of its blocks {names[:3]}... is called by forward")
         if max(called.values()) > 1:
             raise SplitError(model, f"block {called.most_common(1)[0][0]!r} is called more than once")
-        values = _node_values(traced, x)
-        is_tensor = {n: isinstance(v, Tensor) for n, v in values.items()}
         live = _live_sets(nodes, free)
-        cuts = _cuts(nodes, live, is_tensor, block_pos)
+        cuts = _cuts(nodes, live, block_pos)
         if cuts[0] is None:
             raise SplitError(model, f"more than one value flows into its first block {nodes[block_pos[0]].target!r}")
         if cuts[-1] is None:
@@ -398,6 +402,8 @@ def _split(model: nn.Module, blocks: Sequence[str] | None) -> dict[str, Any]:
         ]
         head = _piece(traced, root, nodes[kept[-1] + 1: -1], free, cut_value[kept[-1]], output)
         h, outs = _run(stem, units, x)
+        if not all(isinstance(o, Tensor) for o in [h, *outs]):
+            raise SplitError(model, "a value between its blocks is not one tensor")
         _check_output(model, head(h), model(x))
         return _describe(model, stem, units, head, [tuple(o.shape[1:]) for o in outs])
     finally:
@@ -427,18 +433,6 @@ def check_view(view: AnchorView, input_size: tuple[int, int, int] | None = None)
         return (y - ref).abs().max().item()
     finally:
         model.train(was_training)
-
-
-def _node_values(traced: fx.GraphModule, x: Tensor) -> dict[fx.Node, Any]:
-    values: dict[fx.Node, Any] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            values[n] = super().run_node(n)
-            return values[n]
-
-    Recorder(traced).run(x)
-    return values
 
 
 def _describe(model: nn.Module, stem: nn.Module, units: list[nn.Module], head: nn.Module,
