@@ -73,7 +73,9 @@ def anchor_view(
     per model, so later calls (export, general stitching) return the same split. ``input_size``
     (C, H, W) is the probe image size for the generic splitter (default: the model's own).
     """
-    from snnet.families.generic import generic_view
+    from snnet.families.generic import cached_view, generic_view
 
+    if blocks is None and (cached := cached_view(model)) is not None:  # e.g. split by user-named blocks
+        return cached
     adapter = registered_adapter(model) if blocks is None else None
     return adapter(model) if adapter is not None else generic_view(model, blocks, input_size)

@@ -339,6 +339,12 @@ def _run(stem: nn.Module, units: list[nn.Module], x: Tensor) -> tuple[Tensor, li
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
+def cached_view(model: nn.Module) -> AnchorView | None:
+    """The generic view already made for ``model``, if any."""
+    cached = _CACHE.get(model)
+    return AnchorView(model=model, **cached["fields"]) if cached is not None else None
+
+
 def generic_view(
     model: nn.Module, blocks: Sequence[str] | None = None, input_size: tuple[int, int, int] | None = None
 ) -> AnchorView:
