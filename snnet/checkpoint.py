@@ -6,7 +6,6 @@ checkpoint's hyper-parameters with no hub download and no anchor files (``pretra
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from snnet.anchors import NetworkConfig, build_network, expand_path
@@ -31,7 +30,7 @@ def load_network(path: str | os.PathLike) -> tuple[StitchableNetwork, NetworkCon
     path = expand_path(path)
     checkpoint = read_checkpoint(path)
     config = network_config_from_checkpoint(checkpoint, path)
-    net = build_network(dataclasses.replace(config, pretrained=False, checkpoints=None))
+    net = build_network(config.without_weights())
     state = {k[len(PREFIX):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
     if not state:
         raise CheckpointError(f"checkpoint {path}: the state_dict holds no '{PREFIX}*' weights of a stitchable network")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -146,7 +145,7 @@ def bench_latency_command(argv: Sequence[str]) -> None:
             net, _ = load_network(args.ckpt)
         else:
             config = NetworkConfig(**network_section(args.config))
-            net = build_network(dataclasses.replace(config, pretrained=False, checkpoints=None))
+            net = build_network(config.without_weights())
         check_results_match(net, results)
         latency = measure_latency(net, [r.id for r in results], args.batch_size, parse_dtype(args.dtype), args.device,
                                   args.warmup, args.repeats)

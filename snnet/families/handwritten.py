@@ -1,72 +1,13 @@
-"""Block views of model families: the one place that knows how a family is built.
-
-SN-Net needs every anchor as ``stem -> blocks -> head``. Instead of copying the method per
-family (as the reference code does), each family registers a small adapter that returns an
-:class:`AnchorView`; everything else in snnet works on views only.
-"""
+"""Hand-written adapters, kept where a family predates the generic splitter or needs a non-default
+convention (SN-Net stitches ResNets in the two middle stages only). They take priority over
+:mod:`snnet.families.generic` for their classes."""
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable, Literal
 
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-Layout = Literal["tokens", "nchw", "nhwc", "vector"]  # vector: (B, C), e.g. after flatten in a plain net
-LAYOUTS: tuple[str, ...] = ("tokens", "nchw", "nhwc", "vector")
-
-
-@dataclass
-class AnchorView:
-    """An anchor split into stem, ordered blocks and head (final norm included).
-
-    ``stem(x)`` then every block in order then ``head(x)`` must equal ``model(x)``.
-    """
-
-    model: nn.Module
-    stem: Callable[[Tensor], Tensor]
-    blocks: list[nn.Module]
-    head: Callable[[Tensor], Tensor]
-    head_modules: list[nn.Module]  # modules owned by the head, for parameter accounting
-    block_stages: list[int]
-    layout: Layout  # layout of every block's output
-    stitch_stages: tuple[int, ...]  # stages in which SN-Net may stitch (family default)
-    isotropic: bool  # one stage of equal blocks (ViT): windows also pair j >= k
-    num_prefix_tokens: int = 0
-
-    @property
-    def stage_depths(self) -> tuple[int, ...]:
-        return tuple(self.block_stages.count(s) for s in range(max(self.block_stages) + 1))
-
-
-_FAMILIES: dict[type, Callable[[nn.Module], AnchorView]] = {}
-
-
-def register_family(*model_classes: type) -> Callable:
-    """Register an adapter ``fn(model) -> AnchorView`` for one or more model classes."""
-
-    def wrap(fn: Callable[[nn.Module], AnchorView]) -> Callable[[nn.Module], AnchorView]:
-        for cls in model_classes:
-            _FAMILIES[cls] = fn
-        return fn
-
-    return wrap
-
-
-def supported_families() -> list[str]:
-    return sorted(cls.__name__ for cls in _FAMILIES)
-
-
-def anchor_view(model: nn.Module) -> AnchorView:
-    """The block view of ``model``, found by its class (or a base class) in the registry."""
-    for cls in type(model).__mro__:
-        if cls in _FAMILIES:
-            return _FAMILIES[cls](model)
-    raise TypeError(
-        f"no snnet family adapter for {type(model).__name__}; supported: {', '.join(supported_families())}. "
-        "Register one with snnet.families.register_family."
-    )
+from snnet.families.base import AnchorView, register_family
 
 
 def _staged(stages: list[list[nn.Module]]) -> tuple[list[nn.Module], list[int]]:

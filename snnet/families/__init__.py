@@ -1,0 +1,17 @@
+"""Model families as block views: the base view and registry, the generic splitter, hand adapters."""
+from snnet.families.base import (
+    LAYOUTS,
+    AnchorView,
+    Layout,
+    anchor_view,
+    register_family,
+    registered_adapter,
+    supported_families,
+)
+from snnet.families.generic import SplitError, check_view, discover_blocks, generic_view
+from snnet.families import handwritten  # noqa: F401  (registers the hand adapters)
+
+__all__ = [
+    "LAYOUTS", "AnchorView", "Layout", "SplitError", "anchor_view", "check_view", "discover_blocks", "generic_view",
+    "register_family", "registered_adapter", "supported_families",
+]

@@ -1,0 +1,81 @@
+"""The block view every method consumes, and the registry that finds it for a model.
+
+SN-Net needs every anchor as ``stem -> blocks -> head``. Any model is split by the generic
+splitter (:mod:`snnet.families.generic`); a family may instead register a hand adapter, which
+takes priority for its classes. Everything else in snnet works on views only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+Layout = Literal["tokens", "nchw", "nhwc", "vector"]  # vector: (B, C), e.g. after flatten in a plain net
+LAYOUTS: tuple[str, ...] = ("tokens", "nchw", "nhwc", "vector")
+
+
+@dataclass
+class AnchorView:
+    """An anchor split into stem, ordered blocks and head (final norm included).
+
+    ``stem(x)`` then every block in order then ``head(x)`` must equal ``model(x)``.
+    """
+
+    model: nn.Module
+    stem: Callable[[Tensor], Tensor]
+    blocks: list[nn.Module]
+    head: Callable[[Tensor], Tensor]
+    head_modules: list[nn.Module]  # modules owned by the head, for parameter accounting
+    block_stages: list[int]
+    layout: Layout  # layout of every block's output
+    stitch_stages: tuple[int, ...]  # stages in which SN-Net may stitch (family default)
+    isotropic: bool  # one stage of equal blocks (ViT): windows also pair j >= k
+    num_prefix_tokens: int = 0
+
+    @property
+    def stage_depths(self) -> tuple[int, ...]:
+        return tuple(self.block_stages.count(s) for s in range(max(self.block_stages) + 1))
+
+
+_FAMILIES: dict[type, Callable[[nn.Module], AnchorView]] = {}
+
+
+def register_family(*model_classes: type) -> Callable:
+    """Register an adapter ``fn(model) -> AnchorView`` for one or more model classes."""
+
+    def wrap(fn: Callable[[nn.Module], AnchorView]) -> Callable[[nn.Module], AnchorView]:
+        for cls in model_classes:
+            _FAMILIES[cls] = fn
+        return fn
+
+    return wrap
+
+
+def supported_families() -> list[str]:
+    return sorted(cls.__name__ for cls in _FAMILIES)
+
+
+def registered_adapter(model: nn.Module) -> Callable[[nn.Module], AnchorView] | None:
+    """The hand adapter registered for ``model``'s class or a base class, if any."""
+    return next((_FAMILIES[cls] for cls in type(model).__mro__ if cls in _FAMILIES), None)
+
+
+def anchor_view(
+    model: nn.Module, blocks: Sequence[str] | None = None, input_size: tuple[int, int, int] | None = None
+) -> AnchorView:
+    """The block view of ``model``: its hand adapter if one is registered, else the generic splitter.
+
+    ``blocks`` names the block modules (e.g. ``["features.0", "features.3"]``) and always uses the
+    generic splitter. Generic views are verified (``stem -> blocks -> head == model(x)``) and cached
+    per model, so later calls (export, general stitching) return the same split. ``input_size``
+    (C, H, W) is the probe image size for the generic splitter (default: the model's own).
+    """
+    from snnet.families.generic import cached_view, generic_view
+
+    if blocks is None and (cached := cached_view(model)) is not None:  # e.g. split by user-named blocks
+        return cached
+    adapter = registered_adapter(model) if blocks is None else None
+    return adapter(model) if adapter is not None else generic_view(model, blocks, input_size)

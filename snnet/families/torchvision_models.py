@@ -1,0 +1,50 @@
+"""torchvision classification models as anchors: creation by name, hub or local weights.
+
+torchvision models need no adapter: the generic splitter cuts them (``features``, ``layerN``,
+``encoder.layers``). This module only builds them and loads their weights.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_torchvision_name(name: str) -> None:
+    names = torchvision_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        raise ValueError(f"unknown torchvision classification model {name!r}" + (f"; did you mean one of {close}?" if close else ""))
+
+
+def load_state_dict_file(model: nn.Module, path: Path, name: str) -> nn.Module:
+    """Load a local state_dict file (``weights_only``; a ``state_dict``/``model`` wrapper is unwrapped)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint for anchor {name!r} not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def create_torchvision(name: str, pretrained: bool = False, checkpoint: Path | None = None, **kwargs: Any) -> nn.Module:
+    """``torchvision.models.get_model(name)``: the default hub weights with ``pretrained``, or a
+    local state_dict file (torchvision's own ``.pth`` files are plain state_dicts)."""
+    import torchvision
+
+    check_torchvision_name(name)
+    model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+    if checkpoint is not None:
+        load_state_dict_file(model, checkpoint, name)
+    return model
