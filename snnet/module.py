@@ -277,6 +277,8 @@ class SNNetModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.init_stitches()
         self.measure_pretrained()
+        if self.optim_cfg.freeze_anchors:  # Lightning keeps (and restores after validation) each module's mode
+            self.net.anchors.eval()
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":
