@@ -7,12 +7,14 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from snnet.figures import front_ids
 from snnet.results import plot_pareto, print_table, save_results
 
 
 class StitchReport(L.Callback):
-    """After ``validate``/``test`` and at the end of ``fit``: print every scored stitch, write
-    ``<out_dir>/<stage>_results.{json,csv}`` and ``<stage>_pareto.png``, and log them to W&B.
+    """After ``validate``/``test`` and at the end of ``fit``: print every scored stitch (the front
+    marked) and the one-line summary of :mod:`snnet.figures`, write ``<out_dir>/<stage>_results.{json,csv}``
+    (the JSON holds the figures) and ``<stage>_pareto.png``, and log them to W&B.
 
     ``out_dir`` defaults to the logger's directory (or the trainer's root dir).
     """
@@ -32,16 +34,22 @@ class StitchReport(L.Callback):
         if not results:
             return
         out = self._dir(trainer)
-        print_table(results)
+        figures = getattr(module, "figures", None)
+        front = front_ids(results) if all(r.acc1 is not None for r in results) else None
+        print_table(results, front=front)
         json_path, csv_path, png_path = out / f"{stage}_results.json", out / f"{stage}_results.csv", out / f"{stage}_pareto.png"
-        save_results(results, json_path, csv_path)
-        plot_pareto(results, png_path, title=f"{stage}: accuracy vs FLOPs of every stitch")
+        save_results(results, json_path, csv_path, figures=figures.to_dict() if figures is not None else None)
+        plot_pareto(results, png_path, title=f"{stage}: accuracy vs FLOPs of every stitch", front=front)
+        if figures is not None:
+            print(figures.summary())
         print(f"results: {json_path}  {csv_path}\nPareto plot: {png_path}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 rows = [r.to_dict() for r in results]
                 logger.log_table(key=f"{stage}/stitches", columns=list(rows[0]), data=[list(r.values()) for r in rows])
                 logger.log_image(key=f"{stage}/pareto", images=[str(png_path)])
+                if figures is not None:
+                    logger.experiment.summary.update({f"{stage}/figures/{k}": v for k, v in figures.to_dict().items()})
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.state.fn == "validate":

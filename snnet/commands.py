@@ -35,7 +35,8 @@ def network_section(path: Path) -> dict[str, Any]:
 
 def stitches_command(argv: Sequence[str]) -> None:
     from snnet.anchors import NetworkConfig, build_network
-    from snnet.results import StitchResult, print_table, save_results
+    from snnet.figures import stitch_result
+    from snnet.results import print_table, save_results
 
     parser = argparse.ArgumentParser(prog="snnet stitches", description="List every configuration with FLOPs and parameters, without training.")
     parser.add_argument("--config", type=Path, help="YAML fit config whose model network section to use")
@@ -70,7 +71,7 @@ def stitches_command(argv: Sequence[str]) -> None:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"snnet stitches: {e}", file=sys.stderr)
         raise SystemExit(2) from e
-    rows = [StitchResult(i.id, i.name, i.flops, i.params, i.is_anchor) for i in net.table()]
+    rows = [stitch_result(net, i.id) for i in net.table()]
     print_table(rows)
     if args.json:
         save_results(rows, args.json)

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from snnet.network import StitchableNetwork
+from snnet.figures import stitch_result
 from snnet.results import StitchResult
 
 EVAL_MODES: tuple[str, ...] = ("shared", "naive")
@@ -66,8 +67,7 @@ class StitchScores:
     def evaluation(self, net: StitchableNetwork) -> Evaluation:
         results = []
         for stitch, (acc1, acc5) in self.accuracies().items():
-            info = net.infos[stitch]
-            results.append(StitchResult(info.id, info.name, info.flops, info.params, info.is_anchor, acc1, acc5))
+            results.append(stitch_result(net, stitch, acc1, acc5))
         predictions = {i: torch.cat(p) for i, p in self.predictions.items()} if self.keep_predictions else None
         return Evaluation(results, predictions)
 

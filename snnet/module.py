@@ -22,6 +22,7 @@ from snnet.choice import StitchChoice
 from snnet.checkpoint_io import check_fits
 from snnet.compile import compile_stitchable
 from snnet.determinism import STEP, derive_seed, seed_global_rngs
+from snnet.figures import FrontFigures, front_figures, stitch_result
 from snnet.optim import decay_groups, warmup_cosine
 from snnet.profile import count_flops, unfused_attention
 from snnet.results import StitchResult
@@ -38,7 +39,10 @@ class OptimConfig:
     """AdamW (or SGD with momentum) with linear warmup then cosine decay, stepped per batch.
 
     Anchors get ``lr * anchor_lr_scale`` (SN-Net's Swin recipe uses 0.1); norms and biases get no
-    weight decay.
+    weight decay. ``freeze_anchors``: anchor-preserving training: the anchors get no gradient, no
+    optimizer state and eval-mode BatchNorm, so they end bit-identical to the pretrained ones; only
+    the stitching layers train and training steps draw stitches only (an anchor step would train nothing).
+    ``min_lr`` is the cosine floor for ``lr``; every group's floor scales with its own lr.
     """
 
     name: Literal["adamw", "sgd"] = "adamw"
@@ -49,6 +53,7 @@ class OptimConfig:
     min_lr: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
+    freeze_anchors: bool = False
 
 
 @dataclass
@@ -127,8 +132,16 @@ class SNNetModule(L.LightningModule):
         })
         self.net = build_network(network)
         self.infos = self.net.table()
-        self.register_buffer("sample_weights", sampling_weights([i.flops for i in self.infos], sampling, sampling_groups), persistent=False)
+        weights = sampling_weights([i.flops for i in self.infos], sampling, sampling_groups)
+        if self.optim_cfg.freeze_anchors:
+            self.net.anchors.requires_grad_(False)
+            if self.net.num_configs > self.net.num_anchors:
+                weights[: self.net.num_anchors] = 0.0
+                weights /= weights.sum()
+        self.register_buffer("sample_weights", weights, persistent=False)
         self.register_buffer("stitches_initialised", torch.tensor(False))
+        # each anchor's top-1 before training, measured once at fit start and kept in the checkpoint
+        self.register_buffer("pretrained_acc1", torch.full((self.net.num_anchors,), float("nan")))
         self.eval_ids = self._eval_ids(eval_stitches)
         num_classes = self._num_classes()
         self.val_acc1 = nn.ModuleList(MulticlassAccuracy(num_classes, top_k=1, average="micro") for _ in self.eval_ids)
@@ -141,6 +154,7 @@ class SNNetModule(L.LightningModule):
         self.forward_fn = compile_stitchable(self.net, **(compile_options or {})) if compile else self.net
         self.teacher_fn = torch.compile(self.teacher, **(compile_options or {})) if compile and self.teacher is not None else self.teacher
         self.results: list[StitchResult] = []
+        self.figures: FrontFigures | None = None
         self.last_stitch: int | None = None
 
     @property
@@ -209,14 +223,50 @@ class SNNetModule(L.LightningModule):
                 torch.distributed.broadcast(p.data, src=0)
         self.stitches_initialised.fill_(True)
 
+    @torch.inference_mode()
+    def measure_pretrained(self) -> None:
+        """Top-1 of every anchor on the validation data before any training step, once per run,
+        so that each validation can report how far training moved the anchors."""
+        if not bool(torch.isnan(self.pretrained_acc1).any()):
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        limit = self.trainer.limit_val_batches
+        if dm is None or limit == 0:
+            return
+        loader = dm.val_dataloader()
+        batches = len(loader) if isinstance(limit, float) and limit >= 1.0 else (int(limit) if isinstance(limit, int) else max(1, int(limit * len(loader))))
+        anchors = list(range(self.net.num_anchors))
+        correct = torch.zeros(len(anchors), device=self.device)
+        seen = 0
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            for i, (x, y) in enumerate(loader):
+                if i >= batches:
+                    break
+                x, y = x.to(self.device), y.to(self.device)
+                outputs = self.net.forward_many(x, anchors)
+                correct += torch.stack([(outputs[a].argmax(-1) == y).sum() for a in anchors]).to(correct.dtype)
+                seen += len(y)
+        finally:
+            self.net.train(was_training)
+        if seen:
+            self.pretrained_acc1.copy_(correct / seen * 100)
+            log.info("pretrained anchors' top-1 on %d validation images: %s", seen, [round(float(a), 2) for a in self.pretrained_acc1])
+
     def on_fit_start(self) -> None:
         self.init_stitches()
+        self.measure_pretrained()
+        if self.optim_cfg.freeze_anchors:  # Lightning keeps (and restores after validation) each module's mode
+            self.net.anchors.eval()
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":
             self.init_stitches()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints written before the pretrained accuracies were kept: not measured
+        checkpoint.get("state_dict", {}).setdefault("pretrained_acc1", torch.full((self.net.num_anchors,), float("nan")))
         if self.strict_loading:  # one line instead of load_state_dict's list of every key
             check_fits(self, checkpoint, self._trainer.ckpt_path if self._trainer is not None else None)
 
@@ -265,6 +315,8 @@ class SNNetModule(L.LightningModule):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
+        if self.optim_cfg.freeze_anchors:
+            self.net.anchors.eval()  # frozen BatchNorm statistics too
         return self
 
     # --- evaluation -------------------------------------------------------------------------
@@ -282,16 +334,22 @@ class SNNetModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.results = []
         for i, stitch in enumerate(self.eval_ids):
-            info = self.infos[stitch]
             acc1 = float(self.val_acc1[i].compute()) * 100
             acc5 = float(self.val_acc5[i].compute()) * 100
             self.val_acc1[i].reset()
             self.val_acc5[i].reset()
-            self.results.append(StitchResult(info.id, info.name, info.flops, info.params, info.is_anchor, acc1, acc5))
+            self.results.append(stitch_result(self.net, stitch, acc1, acc5))
+        pretrained = {a: float(v) for a, v in enumerate(self.pretrained_acc1.tolist())}
+        self.figures = front_figures(self.results, pretrained) if self.results else None
         if not self.trainer.sanity_checking and self.results:
             stage = "test" if self.trainer.state.fn == "test" else "val"
             metrics = {f"{stage}/acc1_stitch_{r.id:03d}": r.acc1 for r in self.results}
             metrics[f"{stage}/acc1_mean"] = sum(r.acc1 for r in self.results) / len(self.results)
+            fig = self.figures
+            metrics.update({f"{stage}/stitches_on_front": float(fig.on_front), f"{stage}/stitches_below_lower_anchor": float(fig.below_lower)})
+            if fig.median_gap is not None:
+                metrics[f"{stage}/median_gap_to_anchor_line"] = fig.median_gap
+            metrics.update({f"{stage}/anchor_change_{name}": v for name, v in fig.anchor_change.items()})
             self.log_dict(metrics, sync_dist=False)
 
     def on_test_epoch_end(self) -> None:

@@ -1,11 +1,15 @@
 """Optimiser pieces shared by every trainable snnet module: weight-decay groups and the schedule.
 
 Norms and biases (tensors of one dimension or less) get no weight decay, as in timm and DeiT;
-the learning rate warms up linearly, then follows a cosine to ``min_lr``, stepped per batch.
+the learning rate warms up linearly, then follows a cosine down to ``min_lr``, stepped per batch.
+The floor scales with each group's own learning rate (``min_lr / base lr``), so a group at lr 0
+stays at 0 and a group at 0.1x the base lr decays to 0.1x the floor.
 """
 from __future__ import annotations
 
 from typing import Iterable
+
+import math
 
 import torch
 import torch.nn as nn
@@ -23,14 +27,24 @@ def decay_groups(params: Iterable[nn.Parameter], weight_decay: float, lr: float 
     return [g for g in groups if g["params"]]
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> dict:
-    """Linear warmup (from 1e-3 of the lr) then cosine decay, as Lightning's per-step scheduler config."""
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr: float, base_lr: float | None = None
+) -> dict:
+    """Linear warmup (from 1e-3 of the lr) then cosine decay to ``min_lr``, as Lightning's per-step
+    scheduler config. One multiplicative factor for every group: the floor is ``min_lr / base_lr``
+    of each group's lr (``base_lr``: the optimizer's default lr), never an absolute lr."""
+    base = optimizer.defaults["lr"] if base_lr is None else base_lr
+    if base <= 0:
+        raise ValueError(f"base_lr must be positive to scale the floor min_lr={min_lr}, got {base}")
+    floor = min_lr / base
     total = max(1, int(total_steps))
     warmup = min(warmup_steps, total - 1)
-    scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total - warmup), eta_min=min_lr
-    )
-    if warmup > 0:
-        linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup)
-        scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, scheduler], milestones=[warmup])
-    return {"scheduler": scheduler, "interval": "step"}
+    decay = max(1, total - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 1e-3 + (1 - 1e-3) * step / warmup
+        t = min(step - warmup, decay) / decay
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}

@@ -18,7 +18,10 @@ COSTS: dict[str, str] = {"gflops": "flops", "params": "params", "latency_ms": "l
 
 @dataclass
 class StitchResult:
-    """One configuration's cost (FLOPs per image, 2 per multiply-add; parameters on its path) and scores."""
+    """One configuration's cost (FLOPs per image, 2 per multiply-add; parameters on its path) and scores.
+
+    ``front_anchor``/``end_anchor``: a stitch's pair, the ids of its first and last anchor (None for anchors).
+    """
 
     id: int
     name: str
@@ -28,6 +31,8 @@ class StitchResult:
     acc1: float | None = None
     acc5: float | None = None
     latency_ms: float | None = None
+    front_anchor: int | None = None
+    end_anchor: int | None = None
 
     @property
     def gflops(self) -> float:
@@ -45,10 +50,14 @@ class StitchResult:
         return cls(**{k: v for k, v in row.items() if k in names})
 
 
-def save_results(results: Sequence[StitchResult], json_path: str | os.PathLike, csv_path: str | os.PathLike | None = None) -> None:
+def save_results(
+    results: Sequence[StitchResult], json_path: str | os.PathLike, csv_path: str | os.PathLike | None = None,
+    figures: dict | None = None,
+) -> None:
+    """A JSON list of rows, or with ``figures`` (see :mod:`snnet.figures`) ``{"figures": ..., "stitches": rows}``."""
     rows = [r.to_dict() for r in results]
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(rows, indent=1))
+    Path(json_path).write_text(json.dumps(rows if figures is None else {"figures": figures, "stitches": rows}, indent=1))
     if csv_path is not None:
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(StitchResult)])
@@ -64,8 +73,11 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
         rows = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadFileError(f"results file {path}: not valid JSON ({e})") from e
+    if isinstance(rows, dict):  # written with figures
+        rows = rows.get("stitches")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise BadFileError(f"results file {path}: expected a non-empty JSON list of stitch results (objects)")
+        raise BadFileError(f"results file {path}: expected a non-empty JSON list of stitch results (objects), "
+                           "or an object with a 'stitches' list")
     try:
         return [StitchResult.from_dict(r) for r in rows]
     except (ValueError, TypeError) as e:
@@ -121,8 +133,9 @@ def select_stitch(
     return max(fits, key=lambda r: (_score(r, metric), -r.flops))
 
 
-def format_rows(results: Sequence[StitchResult]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the human-readable table (GFLOPs, M params, accuracies where measured)."""
+def format_rows(results: Sequence[StitchResult], front: Iterable[int] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the human-readable table (GFLOPs, M params, accuracies where measured);
+    ``front`` (ids) adds a column marking the configurations on the measured front."""
     header = ["id", "name", "GFLOPs", "params (M)"]
     extra = [(k, label) for k, label in (("acc1", "top-1 %"), ("acc5", "top-5 %"), ("latency_ms", "latency ms"))
              if any(getattr(r, k) is not None for r in results)]
@@ -132,14 +145,19 @@ def format_rows(results: Sequence[StitchResult]) -> tuple[list[str], list[list[s
         row = [str(r.id), r.name + (" (anchor)" if r.is_anchor else ""), f"{r.gflops:.4f}", f"{r.params / 1e6:.3f}"]
         row += ["-" if getattr(r, k) is None else f"{getattr(r, k):.2f}" for k, _ in extra]
         rows.append(row)
+    if front is not None:
+        on = set(front)
+        header.append("front")
+        for r, row in zip(results, rows):
+            row.append("*" if r.id in on else "")
     return header, rows
 
 
-def print_table(results: Sequence[StitchResult], title: str | None = None) -> None:
+def print_table(results: Sequence[StitchResult], title: str | None = None, front: Iterable[int] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    header, rows = format_rows(results)
+    header, rows = format_rows(results, front)
     table = Table(title=title)
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 1 else "right")
@@ -167,10 +185,11 @@ def markdown_table(results: Sequence[StitchResult], before: Sequence[StitchResul
 
 def plot_pareto(
     results: Sequence[StitchResult], path: str | os.PathLike, metric: str = "acc1", title: str | None = None,
-    before: Sequence[StitchResult] | None = None,
+    before: Sequence[StitchResult] | None = None, front: Iterable[int] | None = None,
 ) -> Path:
     """Accuracy vs GFLOPs of every stitch, anchors marked, Pareto front drawn; ``before`` adds a
-    second series (e.g. after least-squares init, before training)."""
+    second series (e.g. after least-squares init, before training); ``front`` (ids) rings the
+    configurations on the measured front."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,8 +201,13 @@ def plot_pareto(
         scored = [r for r in rs if getattr(r, metric) is not None]
         ax.scatter([r.gflops for r in scored], [_score(r, metric) for r in scored], s=14, color=color, alpha=0.7, label=label)
     scored = [r for r in results if getattr(r, metric) is not None]
-    front = pareto_front(scored, metric=metric)
-    ax.plot([r.gflops for r in front], [_score(r, metric) for r in front], color="tab:blue", lw=1, label="Pareto front")
+    line = pareto_front(scored, metric=metric)
+    ax.plot([r.gflops for r in line], [_score(r, metric) for r in line], color="tab:blue", lw=1, label="Pareto front")
+    if front is not None:
+        on = set(front)
+        ringed = [r for r in scored if r.id in on]
+        ax.scatter([r.gflops for r in ringed], [_score(r, metric) for r in ringed], s=60, facecolors="none",
+                   edgecolors="tab:green", lw=1.2, label=f"on the front ({sum(not r.is_anchor for r in ringed)} stitches)", zorder=2)
     anchors = [r for r in scored if r.is_anchor]
     ax.scatter([r.gflops for r in anchors], [_score(r, metric) for r in anchors], marker="*", s=140, color="tab:red", label="anchors", zorder=3)
     ax.set_xlabel("GFLOPs per image")

@@ -18,11 +18,11 @@ class RecordStitches(L.Callback):
         self.stitches.append(module.last_stitch)
 
 
-def tiny_module(seed: int = 0, teacher: str | None = "largest_anchor", **kwargs) -> SNNetModule:
+def tiny_module(seed: int = 0, teacher: str | None = "largest_anchor", optim: OptimConfig | None = None, **kwargs) -> SNNetModule:
     L.seed_everything(seed)
     return SNNetModule(
         network=NetworkConfig(anchors=["cifar_resnet8", "cifar_resnet14"], pretrained=False, input_size=(3, 16, 16)),
-        optim=OptimConfig(lr=1e-3, warmup_steps=2),
+        optim=optim or OptimConfig(lr=1e-3, warmup_steps=2),
         distill=DistillConfig(teacher=teacher),
         stitch_init=StitchInitConfig(images=32, batch_size=16),
         seed=seed,

@@ -19,7 +19,9 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch):
     assert all(acc > 80.0 for acc in accuracy.values()), accuracy
     main(["fit", "--config", str(CONFIG), "--trainer.max_epochs", "1"])
     out = tmp_path / "outputs" / "quickstart"
-    rows = json.loads((out / "fit_results.json").read_text())
+    saved = json.loads((out / "fit_results.json").read_text())
+    rows = saved["stitches"]
+    assert saved["figures"]["configurations"] == 9 and len(saved["figures"]["anchor_change"]) == 3
     assert [r["id"] for r in rows] == list(range(9))
     assert all(r["acc1"] is not None and r["flops"] > 0 for r in rows)
     anchors = [r for r in rows if r["is_anchor"]]

@@ -118,18 +118,21 @@ def pretrained_checkpoints(anchor_dir: str | Path) -> dict[str, str]:
     """timm name -> checkpoint path of every published CIFAR ResNet in ``anchor_dir`` (e.g.
     ``$SNNET_ANCHOR_DIR``), smallest first: the family the tools and configs use."""
     return {f"cifar_resnet{d}": str(Path(anchor_dir) / f) for d, f in sorted(PRETRAINED_FILES.items())}
+BASE_WIDTHS = (4, 8)  # narrow variants ``cifar_resnet{depth}_w{base}``: widths (base, 2 base, 4 base), no published weights
 default_cfgs = generate_default_cfgs({
-    f"cifar_resnet{d}": _cfg(_AKAMASTER + PRETRAINED_FILES[d] if d in PRETRAINED_FILES else "") for d in DEPTHS
+    **{f"cifar_resnet{d}": _cfg(_AKAMASTER + PRETRAINED_FILES[d] if d in PRETRAINED_FILES else "") for d in DEPTHS},
+    **{f"cifar_resnet{d}_w{b}": _cfg() for d in DEPTHS for b in BASE_WIDTHS},
 })
 
 
-def _register(depth: int) -> None:
-    """One timm entry point ``cifar_resnet{depth}`` per depth (no copy-pasted functions)."""
-    name = f"cifar_resnet{depth}"
+def _register(depth: int, base_width: int | None = None) -> None:
+    """One timm entry point per depth (and narrow width) -- no copy-pasted functions."""
+    name = f"cifar_resnet{depth}" + (f"_w{base_width}" if base_width else "")
+    widths = {} if base_width is None else {"widths": (base_width, 2 * base_width, 4 * base_width)}
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
         return build_model_with_cfg(
-            CifarResNet, name, pretrained, depth=depth, pretrained_filter_fn=_unwrap_checkpoint, **kwargs
+            CifarResNet, name, pretrained, depth=depth, pretrained_filter_fn=_unwrap_checkpoint, **widths, **kwargs
         )
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
@@ -138,3 +141,5 @@ def _register(depth: int) -> None:
 
 for _depth in DEPTHS:
     _register(_depth)
+    for _base in BASE_WIDTHS:
+        _register(_depth, _base)

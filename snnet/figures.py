@@ -1,0 +1,136 @@
+"""How well the stitches fill the gap between their anchors: the four figures every run reports.
+
+SN-Net's promise is that after joint training the stitches lie *between* their anchors on the
+accuracy/FLOPs plane. These figures say whether a run kept it, and are the same numbers the
+reference code's published per-stitch results give (DeiT-Ti/S/B: 37 of 68 on the front, none
+more than a point below the lower anchor of its pair, median gap +0.40):
+
+* stitches on the measured Pareto front of every scored configuration (see :func:`front_ids`);
+* stitches more than ``margin`` points below the lower (less accurate) anchor of their pair;
+* the median signed gap between a stitch's score and the straight line between its pair's two
+  anchors at its FLOPs (FLOPs clamped to the anchors' range);
+* each anchor's change against its pretrained score (measured before training), when known.
+
+The pair of a stitch is its front and end anchor (``StitchResult.front_anchor/end_anchor``).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from snnet.results import StitchResult, _score
+
+if TYPE_CHECKING:
+    from snnet.network import StitchableNetwork
+
+
+@dataclass
+class FrontFigures:
+    """The four figures of one set of results (``metric`` in percent points)."""
+
+    configurations: int
+    stitches: int
+    min_gflops: float
+    max_gflops: float
+    on_front: int
+    below_lower: int
+    median_gap: float | None
+    anchor_change: dict[str, float] = field(default_factory=dict)  # anchor name -> score - pretrained score
+    metric: str = "acc1"
+    margin: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: what the user got."""
+        parts = [
+            f"{self.configurations} configurations from {self.min_gflops:.3f} to {self.max_gflops:.3f} GFLOPs",
+            f"{self.on_front} of {self.stitches} stitches on the front",
+            f"{self.below_lower} more than {self.margin:g} point{'s' * (self.margin != 1)} below the lower anchor of their pair",
+            "median gap to the anchors' line " + ("n/a" if self.median_gap is None else f"{self.median_gap:+.2f}"),
+        ]
+        if self.anchor_change:
+            parts.append("anchors vs pretrained " + " ".join(f"{v:+.2f}" for v in self.anchor_change.values()))
+        else:
+            parts.append("anchors vs pretrained: not measured")
+        return ", ".join(parts)
+
+
+def stitch_result(net: "StitchableNetwork", stitch: int, acc1: float | None = None, acc5: float | None = None) -> StitchResult:
+    """Configuration ``stitch`` of ``net`` as a result row, with its pair when it is a stitch."""
+    info, config = net.infos[stitch], net.configs[stitch]
+    pair = (None, None) if config.is_anchor else (config.anchors[0], config.anchors[-1])
+    return StitchResult(info.id, info.name, info.flops, info.params, info.is_anchor, acc1, acc5, front_anchor=pair[0], end_anchor=pair[1])
+
+
+def front_ids(results: Sequence[StitchResult], metric: str = "acc1") -> set[int]:
+    """Ids on the measured front: no strictly cheaper configuration scores as high or higher.
+
+    Configurations of equal FLOPs are each judged only against cheaper ones, the rule behind the
+    reference's published counts (SN-Netv2 DeiT3-S/L: 14 stitches on the front, 10 with strict dominance).
+    """
+    ranked = sorted(results, key=lambda r: r.flops)
+    out, best, i = set(), -math.inf, 0
+    while i < len(ranked):
+        same = [r for r in ranked[i:] if r.flops == ranked[i].flops]
+        out.update(r.id for r in same if _score(r, metric) > best)
+        best = max(best, max(_score(r, metric) for r in same))
+        i += len(same)
+    return out
+
+
+def line_gap(stitch: StitchResult, low: StitchResult, high: StitchResult, metric: str = "acc1") -> float:
+    """``stitch``'s score minus the straight line between anchors ``low`` and ``high`` at its FLOPs
+    (clamped to the anchors' FLOPs range, so a stitch dearer than both is held to the dearer one)."""
+    (f0, s0), (f1, s1) = sorted([(low.flops, _score(low, metric)), (high.flops, _score(high, metric))])
+    if f1 == f0:
+        return _score(stitch, metric) - max(s0, s1)
+    t = min(max((stitch.flops - f0) / (f1 - f0), 0.0), 1.0)
+    return _score(stitch, metric) - (s0 + t * (s1 - s0))
+
+
+def front_figures(
+    results: Sequence[StitchResult],
+    pretrained: Mapping[int, float] | None = None,
+    metric: str = "acc1",
+    margin: float = 1.0,
+) -> FrontFigures:
+    """The four figures of scored ``results`` (anchors and stitches, every stitch with its pair).
+
+    ``pretrained``: anchor id -> its score before training; the anchors in ``results`` are compared
+    with it. Raises when a stitch has no pair or its pair's anchors are not among ``results``.
+    """
+    if not results:
+        raise ValueError("no results to compute figures on")
+    by_id = {r.id: r for r in results}
+    stitches = [r for r in results if not r.is_anchor]
+    gaps, below = [], 0
+    for s in stitches:
+        if s.front_anchor is None or s.end_anchor is None:
+            raise ValueError(f"stitch {s.id} ({s.name}) has no front_anchor/end_anchor: results written before pairs were recorded")
+        missing = [a for a in (s.front_anchor, s.end_anchor) if a not in by_id]
+        if missing:
+            raise ValueError(f"stitch {s.id} ({s.name}) pairs anchors {missing} that are not among the results (ids {sorted(by_id)})")
+        a, b = by_id[s.front_anchor], by_id[s.end_anchor]
+        gaps.append(line_gap(s, a, b, metric))
+        below += _score(s, metric) < min(_score(a, metric), _score(b, metric)) - margin
+    front = front_ids(results, metric)
+    change = {}
+    for anchor_id, before in (pretrained or {}).items():
+        if anchor_id in by_id and before is not None and not math.isnan(before):
+            change[by_id[anchor_id].name] = _score(by_id[anchor_id], metric) - before
+    return FrontFigures(
+        configurations=len(results),
+        stitches=len(stitches),
+        min_gflops=min(r.gflops for r in results),
+        max_gflops=max(r.gflops for r in results),
+        on_front=sum(s.id in front for s in stitches),
+        below_lower=below,
+        median_gap=statistics.median(gaps) if gaps else None,
+        anchor_change=change,
+        metric=metric,
+        margin=margin,
+    )

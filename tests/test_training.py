@@ -1,0 +1,49 @@
+"""Anchor-preserving training and the learning-rate schedule: a frozen anchor ends bit-identical
+(weights and BatchNorm statistics) with no gradient computed for it, and the cosine floor scales
+with each group's own learning rate."""
+import lightning as L
+import pytest
+import torch
+
+from helpers import RecordStitches, tiny_data, tiny_module
+from snnet.module import OptimConfig
+from snnet.optim import warmup_cosine
+
+
+def lrs_over(steps: int, lrs: list[float], warmup: int, min_lr: float) -> list[list[float]]:
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in lrs]
+    optimizer = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)], lr=lrs[0])
+    scheduler = warmup_cosine(optimizer, steps, warmup, min_lr)["scheduler"]
+    seen = []
+    for _ in range(steps):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    seen.append([g["lr"] for g in optimizer.param_groups])
+    return seen
+
+
+def test_cosine_floor_scales_with_each_groups_lr():
+    seen = lrs_over(100, [1e-3, 0.0, 1e-6], warmup=10, min_lr=1e-5)
+    assert all(lrs[1] == 0.0 for lrs in seen)  # a group at lr 0 stays at 0 (was: climbs to min_lr)
+    assert seen[10][0] == pytest.approx(1e-3) and seen[10][2] == pytest.approx(1e-6)  # peak after warmup
+    assert seen[-1][0] == pytest.approx(1e-5) and seen[-1][2] == pytest.approx(1e-8)  # floor = min_lr / lr of each
+    assert seen[0][0] == pytest.approx(1e-6)  # warmup starts at 1e-3 of the lr
+    assert seen[55][0] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half way down the cosine
+
+
+def test_frozen_anchors_end_bit_identical_and_only_stitches_train(tmp_path):
+    module = tiny_module(optim=OptimConfig(lr=1e-2, warmup_steps=0, freeze_anchors=True))
+    before = {k: v.clone() for k, v in module.net.anchors.state_dict().items()}
+    stitches_before = [p.clone() for p in module.net.stitch_layers.parameters()]
+    record = RecordStitches()
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[record])
+    trainer.fit(module, tiny_data(module))
+    after = module.net.anchors.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN running statistics
+    assert all(p.grad is None for p in module.net.anchors.parameters())  # no gradient computed for them
+    assert all(s >= module.net.num_anchors for s in record.stitches)  # every step trains a stitch
+    assert any(not torch.equal(a, b) for a, b in zip(stitches_before, module.net.stitch_layers.parameters()))
+    assert not any(id(p) in {id(q) for q in module.net.anchors.parameters()}
+                   for g in trainer.optimizers[0].param_groups for p in g["params"])
