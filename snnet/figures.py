@@ -62,7 +62,8 @@ class FrontFigures:
 def stitch_result(net: "StitchableNetwork", stitch: int, acc1: float | None = None, acc5: float | None = None) -> StitchResult:
     """Configuration ``stitch`` of ``net`` as a result row, with its pair when it is a stitch."""
     info, config = net.infos[stitch], net.configs[stitch]
-    pair = (None, None) if config.is_anchor else (config.anchors[0], config.anchors[-1])
+    # a two-hop route (S -> L -> S) is judged against the line between the two anchors it visits
+    pair = (None, None) if config.is_anchor else (config.anchors[0], next(a for a in reversed(config.anchors) if a != config.anchors[0]))
     return StitchResult(info.id, info.name, info.flops, info.params, info.is_anchor, acc1, acc5, front_anchor=pair[0], end_anchor=pair[1])
 
 

@@ -340,16 +340,19 @@ class SNNetModule(L.LightningModule):
             self.val_acc5[i].reset()
             self.results.append(stitch_result(self.net, stitch, acc1, acc5))
         pretrained = {a: float(v) for a, v in enumerate(self.pretrained_acc1.tolist())}
-        self.figures = front_figures(self.results, pretrained) if self.results else None
+        scored = {r.id for r in self.results}
+        # the figures need every anchor scored; a validation subset without them reports none
+        self.figures = front_figures(self.results, pretrained) if set(range(self.net.num_anchors)) <= scored else None
         if not self.trainer.sanity_checking and self.results:
             stage = "test" if self.trainer.state.fn == "test" else "val"
             metrics = {f"{stage}/acc1_stitch_{r.id:03d}": r.acc1 for r in self.results}
             metrics[f"{stage}/acc1_mean"] = sum(r.acc1 for r in self.results) / len(self.results)
             fig = self.figures
-            metrics.update({f"{stage}/stitches_on_front": float(fig.on_front), f"{stage}/stitches_below_lower_anchor": float(fig.below_lower)})
-            if fig.median_gap is not None:
-                metrics[f"{stage}/median_gap_to_anchor_line"] = fig.median_gap
-            metrics.update({f"{stage}/anchor_change_{name}": v for name, v in fig.anchor_change.items()})
+            if fig is not None:
+                metrics.update({f"{stage}/stitches_on_front": float(fig.on_front), f"{stage}/stitches_below_lower_anchor": float(fig.below_lower)})
+                if fig.median_gap is not None:
+                    metrics[f"{stage}/median_gap_to_anchor_line"] = fig.median_gap
+                metrics.update({f"{stage}/anchor_change_{name}": v for name, v in fig.anchor_change.items()})
             self.log_dict(metrics, sync_dist=False)
 
     def on_test_epoch_end(self) -> None:

@@ -34,9 +34,9 @@ def warmup_cosine(
     scheduler config. One multiplicative factor for every group: the floor is ``min_lr / base_lr``
     of each group's lr (``base_lr``: the optimizer's default lr), never an absolute lr."""
     base = optimizer.defaults["lr"] if base_lr is None else base_lr
-    if base <= 0:
+    if base <= 0 and min_lr > 0:
         raise ValueError(f"base_lr must be positive to scale the floor min_lr={min_lr}, got {base}")
-    floor = min_lr / base
+    floor = min_lr / base if min_lr > 0 else 0.0
     total = max(1, int(total_steps))
     warmup = min(warmup_steps, total - 1)
     decay = max(1, total - warmup)

@@ -64,7 +64,7 @@ def test_stitches_hierarchical_and_cross_family_counts(tmp_path, anchors, expect
     (["--anchors", "deit_tiy_patch16_224"], "unknown anchor model 'deit_tiy_patch16_224'; did you mean"),
     (["--anchors", "cifar_resnet20", "cifar_resnet32", "--kernel-size", "0"], "kernel"),
     (["--anchors", "cifar_resnet20", "cifar_resnet32", "--stitch-stages", "7"], "stitch stages [7] do not exist: these anchors have stages 0..2"),
-    (["--anchors", "mobilenetv3_small_100"], "no snnet family adapter for MobileNetV3; supported: CifarResNet"),
+    (["--anchors", "mobilenetv3_small_100", "mobilenetv3_large_100"], "share no stitchable stage"),
 ])
 def test_stitches_bad_input_is_a_clear_error(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

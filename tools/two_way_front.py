@@ -14,42 +14,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 import time
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import yaml
 
 from snnet.anchors import expand_path
 from snnet.module import SNNetModule
-from snnet.network import StitchableNetwork
-from snnet.results import StitchResult, pareto_front
-
-
-def front_figures(results: Sequence[StitchResult], net: StitchableNetwork) -> dict[str, float]:
-    """The front figures of SN-Net's training issue for measured ``results`` of ``net``'s configurations.
-
-    A stitch's pair is the fastest and the slowest anchor on its route (anchor ids are fast-to-slow);
-    its lower anchor is the pair's faster one. Kept here until snnet.results has them.
-    """
-    by_id = {r.id: r for r in results}
-    anchors = {c.anchors[0]: by_id[c.id] for c in net.configs if c.is_anchor}
-    stitches = [r for r in results if not r.is_anchor]
-    on_front = {r.id for r in pareto_front(results)}
-    below, gaps = 0, []
-    for r in stitches:
-        route = net.configs[r.id].anchors
-        low, high = anchors[min(route)], anchors[max(route)]
-        below += r.acc1 < low.acc1 - 1.0
-        f = min(max(r.flops, low.flops), high.flops)
-        line = low.acc1 + (high.acc1 - low.acc1) * (f - low.flops) / (high.flops - low.flops)
-        gaps.append(r.acc1 - line)
-    return {
-        "stitches": len(stitches), "on_front": sum(r.id in on_front for r in stitches), "below_lower_anchor": below,
-        "median_gap": statistics.median(gaps) if gaps else float("nan"),
-    }
+from snnet.figures import front_figures
 
 
 def build(config: dict, two_way: bool, lora_rank: int, num_workers: int | None = None) -> tuple[SNNetModule, L.LightningDataModule]:
@@ -76,10 +49,11 @@ def run_variant(config: dict, two_way: bool, lora_rank: int, steps: int, val_bat
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         limit_val_batches=val_batches, enable_model_summary=False)
     trainer.validate(module, data, verbose=False)
-    figures = front_figures(module.results, module.net)
+    figures = front_figures(module.results)
     return {"two_way": two_way, "lora_rank": lora_rank, "configs": module.net.num_configs, "steps": steps,
             "steps_per_config": steps / module.net.num_configs, "trainable_stitch_params": trainable,
-            "train_s": round(train_s, 1), **figures, "results": [r.to_dict() for r in module.results]}
+            "train_s": round(train_s, 1), "stitches": figures.stitches, "on_front": figures.on_front,
+            "below_lower_anchor": figures.below_lower, "median_gap": figures.median_gap, "results": [r.to_dict() for r in module.results]}
 
 
 def main() -> None:
