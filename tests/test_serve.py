@@ -254,7 +254,7 @@ def test_refused_starts_name_the_file(quickstart, tmp_path, capsys):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("[{\"id\": 0,")
     other = tmp_path / "other.json"
-    other.write_text(json.dumps([{**r, "name": "someone_else"} for r in json.loads(results.read_text())]))
+    other.write_text(json.dumps([{**r, "name": "someone_else"} for r in json.loads(results.read_text())["stitches"]]))
     cases = [
         (["--ckpt", str(tmp_path / "missing.ckpt"), "--results", str(results)], f"checkpoint not found: {tmp_path / 'missing.ckpt'}"),
         (["--ckpt", str(corrupt), "--results", str(results)], f"checkpoint {corrupt}: truncated"),
