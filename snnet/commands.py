@@ -122,7 +122,7 @@ def bench_latency_command(argv: Sequence[str]) -> None:
     from snnet.checkpoint import load_network
     from snnet.choice import check_results_match
     from snnet.latency import DTYPES, measure_latency, parse_dtype, with_latency
-    from snnet.results import load_results, print_table, save_results
+    from snnet.results import load_figures, load_results, print_table, save_results
 
     parser = argparse.ArgumentParser(
         prog="snnet bench latency",
@@ -155,7 +155,7 @@ def bench_latency_command(argv: Sequence[str]) -> None:
         raise SystemExit(2) from e
     results = with_latency(results, latency)
     out = args.out or args.results
-    save_results(results, out)
+    save_results(results, out, figures=load_figures(args.results))  # latency added, the figures kept
     print_table(results, title=f"latency on {args.device}, batch {args.batch_size}, {args.dtype}")
     print(f"wrote latency_ms of {len(results)} stitches to {out}")
 

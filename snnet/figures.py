@@ -67,6 +67,26 @@ def stitch_result(net: "StitchableNetwork", stitch: int, acc1: float | None = No
     return StitchResult(info.id, info.name, info.flops, info.params, info.is_anchor, acc1, acc5, front_anchor=pair[0], end_anchor=pair[1])
 
 
+def published_results(net: "StitchableNetwork", rows: Mapping[int, Mapping], tolerance: float = 0.01) -> list[StitchResult]:
+    """Our result rows carrying a reference's published scores (``rows``: cfg_id -> its jsonl row).
+
+    Configuration ``i`` takes the row of cfg_id ``i`` only after its multiply-adds (fvcore, the
+    reference's ``flops``) match ours (FLOPs / 2) within ``tolerance`` (relative), so a generator
+    that orders configurations differently fails here instead of mislabelling stitches.
+    """
+    missing = sorted(set(range(net.num_configs)) - set(rows))
+    if missing:
+        raise ValueError(f"no published row for configurations {missing} (of {net.num_configs})")
+    out = []
+    for info in net.table():
+        row = rows[info.id]
+        if abs(info.flops / 2 - row["flops"]) > tolerance * row["flops"]:
+            raise ValueError(f"cfg_id {info.id} ({info.name}): published {row['flops']:.4g} multiply-adds, ours "
+                             f"{info.flops / 2:.4g}: not the same configuration (tolerance {tolerance:.1%})")
+        out.append(stitch_result(net, info.id, acc1=float(row["acc1"]), acc5=row.get("acc5")))
+    return out
+
+
 def front_ids(results: Sequence[StitchResult], metric: str = "acc1") -> set[int]:
     """Ids on the measured front: no strictly cheaper configuration scores as high or higher.
 

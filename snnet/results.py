@@ -84,6 +84,13 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
         raise BadFileError(f"results file {path}: {e}") from e
 
 
+def load_figures(path: str | os.PathLike) -> dict | None:
+    """The front figures a results file holds (written by ``snnet fit/validate``), or None: for
+    tools that rewrite the file (``snnet bench latency``) and must keep them."""
+    rows = json.loads(Path(path).read_text())
+    return rows.get("figures") if isinstance(rows, dict) else None
+
+
 def _score(r: StitchResult, metric: str) -> float:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")

@@ -96,7 +96,7 @@ def interpolated_pairs(front_depth: int, end_depth: int) -> list[tuple[int, int,
 
     Pairs are kept where k maps to j and j < k; pairs reading the same front block share a layer.
     """
-    ids = torch.arange(front_depth, dtype=torch.float32)[None, None]
+    ids = torch.arange(front_depth, dtype=torch.float32, device="cpu")[None, None]  # also under `with torch.device("meta")`
     end_map = F.interpolate(ids, size=end_depth, mode="nearest").long().flatten().tolist()
     pairs = [(j, k) for j in range(front_depth) for k, m in enumerate(end_map) if m == j and j < k]
     layer_of = {j: i for i, j in enumerate(sorted({j for j, _ in pairs}))}

@@ -13,8 +13,9 @@ from helpers import tiny_data, tiny_module
 from snnet.choice import StitchChoice
 from snnet.cli import main
 from snnet.evaluate import evaluate_stitches
+from snnet.figures import front_figures
 from snnet.latency import measure_latency, median_ms, resolve_device, with_latency
-from snnet.results import StitchResult, load_results, pareto_front, save_results, select_stitch
+from snnet.results import StitchResult, load_figures, load_results, pareto_front, save_results, select_stitch
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +129,14 @@ def test_bench_latency_cli_fills_a_results_file_for_select(scored, tmp_path, cap
     module, _, results, path = scored
     network = {"anchors": ["cifar_resnet8", "cifar_resnet14"], "pretrained": False, "input_size": [3, 16, 16]}
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump({"model": {"class_path": "snnet.module.SNNetModule", "init_args": {"network": network}}}))
+    scored_file, figures = tmp_path / "validate_results.json", front_figures(results).to_dict()
+    save_results(results, scored_file, figures=figures)  # as `snnet validate` writes it
     out = tmp_path / "with_latency.json"
-    main(["bench", "latency", "--results", str(path), "--config", str(tmp_path / "fit.yaml"), "--warmup", "0", "--repeats", "2", "--out", str(out)])
+    main(["bench", "latency", "--results", str(scored_file), "--config", str(tmp_path / "fit.yaml"), "--warmup", "0", "--repeats", "2", "--out", str(out)])
     timed = load_results(out)
     assert [(r.id, r.acc1) for r in timed] == [(r.id, r.acc1) for r in results]
-    assert all(r.latency_ms > 0 for r in timed) and load_results(path)[0].latency_ms is None  # --out leaves the input alone
+    assert all(r.latency_ms > 0 for r in timed) and load_results(scored_file)[0].latency_ms is None  # --out leaves the input alone
+    assert load_figures(out) == figures  # the front figures survive the rewrite
     budget = sorted(r.latency_ms for r in timed)[2]
     capsys.readouterr()
     main(["select", "--results", str(out), "--max-latency-ms", str(budget)])

@@ -84,3 +84,29 @@ def test_figures_need_pairs():
         front_figures([r(0, 100, 70.0), StitchResult(1, "s", 120, 0, False, 71.0)])
     with pytest.raises(ValueError, match="not among the results"):
         front_figures([r(0, 100, 70.0), r(1, 120, 71.0, (0, 7))])
+
+
+@pytest.mark.parametrize("name, anchors, on_front", [
+    ("snnet_resnet18_resnet50.jsonl", ("resnet18", "resnet50"), 6),
+    ("snnet_deit_ti_s_b.jsonl", ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"), 37),
+])
+def test_published_rows_identify_our_configurations(published_dir, name, anchors, on_front):
+    """Our generator's ids are the reference's cfg_ids (multiply-adds agree within 1 %), so its
+    published scores land on our stitches (what tools/published_family.py serves); the front on our
+    FLOPs is the published one. Rows of another configuration fail, naming the first mismatch."""
+    import timm
+    import torch
+
+    from snnet.figures import published_results
+    from snnet.network import StitchableNetwork
+
+    rows = {r["cfg_id"]: r for r in map(json.loads, (published_dir / name).read_text().splitlines())}
+    with torch.device("meta"):  # FLOPs need shapes only
+        models = [timm.create_model(a) for a in anchors]
+    net = StitchableNetwork(models, names=list(anchors))
+    results = published_results(net, rows)
+    assert [r.acc1 for r in results] == [rows[i]["acc1"] for i in range(net.num_configs)]
+    assert front_figures(results).on_front == on_front
+    last = net.num_configs - 1  # the stitch cheapest in the end anchor: its FLOPs differ from stitch 2's
+    with pytest.raises(ValueError, match=rf"cfg_id 2 \(.*\): published .* not the same configuration"):
+        published_results(net, {**rows, 2: rows[last], last: rows[2]})

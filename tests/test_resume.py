@@ -2,7 +2,7 @@
 `--ckpt_path last`, and get what an uninterrupted run gets: every tensor of every checkpoint
 bit-identical and the same per-stitch results file. Kill points: during validation (resumes
 mid-epoch), mid-epoch after a step checkpoint, right after an epoch-end checkpoint, and inside the
-write of last.ckpt; then the same for 2-process DDP (gloo). Broken checkpoints give one line."""
+write of last.ckpt; then the same for 2-process DDP (gloo), and for FSDP where a GPU exists. Broken checkpoints give one line."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,8 @@ STEPS_PER_EPOCH = 6  # 96 training digits, batch 16
 EPOCHS = 4
 
 
-def tiny_config(out: Path, kill: dict | None = None, devices: int = 1) -> Path:
+def tiny_config(out: Path, kill: dict | None = None, devices: int = 1, strategy: str = "ddp_find_unused_parameters_true",
+                accelerator: str = "cpu") -> Path:
     """The quickstart's shape, tiny: two random-init CIFAR ResNets, 96 digits, 2 loader workers.
     Checkpoints: every 4 steps (and last.ckpt) and at each epoch end (validation), all kept."""
     ckpt = {"dirpath": str(out / "checkpoints"), "save_top_k": -1}
@@ -35,11 +36,13 @@ def tiny_config(out: Path, kill: dict | None = None, devices: int = 1) -> Path:
     ]
     if kill:
         callbacks.append({"class_path": "kill_switch.KillAt", "init_args": kill})
-    trainer = {"max_epochs": EPOCHS, "accelerator": "cpu", "devices": devices, "logger": False,
+    trainer = {"max_epochs": EPOCHS, "accelerator": accelerator, "devices": devices, "logger": False,
                "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(out),
                "callbacks": callbacks}
-    if devices > 1:
-        trainer["strategy"] = "ddp_find_unused_parameters_true"
+    if devices > 1 or strategy == "fsdp":
+        trainer["strategy"] = strategy
+    if accelerator != "cpu":
+        trainer["deterministic"] = True  # bit-exact on a GPU needs deterministic kernels
     config = {
         "seed_everything": 0,
         "trainer": trainer,
@@ -137,17 +140,27 @@ def test_killed_at_four_points_and_resumed_equals_uninterrupted(uninterrupted, t
     assert json.loads((tmp_path / "fit_results.json").read_text()) == json.loads((uninterrupted / "fit_results.json").read_text())
 
 
+# FSDP needs an accelerator: Lightning refuses `strategy: fsdp` with `accelerator: cpu`, and torch's
+# FSDP itself stops with "FSDP needs a non-CPU accelerator device" (both tried here, torch 2.14.1).
+DISTRIBUTED = [
+    pytest.param("ddp_find_unused_parameters_true", "cpu", 2, id="ddp-2-cpu"),
+    pytest.param("fsdp", "cuda", min(2, torch.cuda.device_count()), id="fsdp-cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="FSDP needs a CUDA device (Lightning and torch refuse FSDP on CPU)")),
+]
+
+
 @pytest.mark.slow
-def test_two_process_ddp_killed_and_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("strategy, accelerator, devices", DISTRIBUTED)
+def test_distributed_killed_and_resumed_equals_uninterrupted(strategy, accelerator, devices, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    snnet_fit(tiny_config(full, devices=2))
-    # each rank sees 48 digits a epoch: 6 steps of 8 per rank; both ranks kill themselves at step 9
-    snnet_fit(tiny_config(resumed, {"point": "train_batch", "step": 9}, devices=2), expect="killed")
+    run = {"devices": devices, "strategy": strategy, "accelerator": accelerator}
+    snnet_fit(tiny_config(full, **run))
+    # each rank sees 96 / devices digits a epoch: 6 steps of 16 / devices; every rank kills itself at step 9
+    snnet_fit(tiny_config(resumed, {"point": "train_batch", "step": 9}, **run), expect="killed")
     assert load(resumed / "checkpoints" / "last.ckpt")["global_step"] == 8
-    snnet_fit(tiny_config(resumed, devices=2), "--ckpt_path", "last")
+    snnet_fit(tiny_config(resumed, **run), "--ckpt_path", "last")
     assert_same_checkpoint(resumed / "checkpoints" / "last.ckpt", full / "checkpoints" / "last.ckpt")
     assert json.loads((resumed / "fit_results.json").read_text()) == json.loads((full / "fit_results.json").read_text())
-
 
 def test_training_batches_depend_on_seed_and_epoch_only():
     """Same augmented batches with 0 or 2 workers, a resumed epoch's rest equals its tail, and two

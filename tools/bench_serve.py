@@ -9,6 +9,13 @@ expected top-1 (the results file's accuracy of each stitch served, averaged over
 
     python tools/bench_serve.py --ckpt outputs/quickstart/logs/version_0/checkpoints/last.ckpt \\
         --results outputs/quickstart/fit_results.json --slo-ms 20
+
+A family whose forward, not HTTP, dominates a request (BENCHMARKS.md): the reference's ResNet-18/50
+with its published accuracies (``tools/published_family.py``), 224 px requests:
+
+    python tools/bench_serve.py --ckpt outputs/published_r18_r50/network.ckpt \\
+        --results outputs/published_r18_r50/results.json --slo-ms 600 --steps 1 2 4 2 1 --requests 40 \\
+        --image-size 224 --serve-args --latency results --max-batch-size 4
 """
 from __future__ import annotations
 
@@ -37,15 +44,17 @@ from snnet.results import load_results  # noqa: E402
 from snnet.serve.stats import percentile  # noqa: E402
 
 
-def digit_images(n: int) -> list[str]:
-    """``n`` validation digits as base64 PNG (the quickstart's data; any image works for timing)."""
+def digit_images(n: int, size: int = 8) -> list[str]:
+    """``n`` validation digits as base64 PNG, ``size`` pixels square (the quickstart's data at 8; any
+    image works for timing, and a larger one makes decoding and resizing cost what a photo does)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     out = []
     for image in digits.images[-n:]:
         buffer = io.BytesIO()
-        Image.fromarray((image * (255 / 16)).round().astype("uint8")).save(buffer, format="PNG")
+        picture = Image.fromarray((image * (255 / 16)).round().astype("uint8")).convert("RGB")
+        picture.resize((size, size), Image.BILINEAR).save(buffer, format="PNG")
         out.append(base64.b64encode(buffer.getvalue()).decode())
     return out
 
@@ -119,6 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4, 16, 4, 1], help="concurrent clients per step")
     parser.add_argument("--requests", type=int, default=160, help="requests per step")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests before the steps")
+    parser.add_argument("--image-size", type=int, default=8, help="side of the request images in pixels (8: the digits as they are)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", default="1", help="OMP_NUM_THREADS of the server (1: no contention with the HTTP process)")
     parser.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more snnet serve options (last)")
@@ -139,7 +149,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown policies {unknown}; choose from {sorted(known)}")
     policies = dict(known[p] for p in args.policies)
-    images = digit_images(64)
+    images = digit_images(64, args.image_size)
     rows = []
     for name, options in policies.items():
         proc, url = start(args.ckpt, args.results, [*options, "--device", args.device, *args.serve_args], args.threads)
