@@ -160,11 +160,7 @@ class SNNetModule(L.LightningModule):
     @property
     def data_config(self) -> dict[str, Any]:
         """timm data config (input size, mean/std, interpolation, crop) of the anchors, for the datamodule."""
-        from timm.data import resolve_data_config
-
-        cfg = resolve_data_config(model=self.net.anchors[0])
-        cfg["input_size"] = self.net.profiles[0].input_size
-        return cfg
+        return self.net.data_config()
 
     # --- construction helpers ---------------------------------------------------------------
     def _num_classes(self) -> int:

@@ -289,6 +289,15 @@ class StitchableNetwork(nn.Module):
         params.update((id(p), p) for m in last.head_modules for p in m.parameters())
         return list(params.values())
 
+    def data_config(self) -> dict:
+        """timm data config (mean/std, interpolation, crop) of the first anchor at the network's input
+        size: what the datamodules and the server preprocess with."""
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config(model=self.anchors[0])
+        cfg["input_size"] = self.profiles[0].input_size
+        return cfg
+
     def table(self) -> list[StitchInfo]:
         return list(self.infos)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 
 from snnet.anchors import NetworkConfig
 from snnet.data import DigitsDataModule
@@ -18,10 +19,12 @@ class RecordStitches(L.Callback):
         self.stitches.append(module.last_stitch)
 
 
-def tiny_module(seed: int = 0, teacher: str | None = "largest_anchor", optim: OptimConfig | None = None, **kwargs) -> SNNetModule:
+def tiny_module(seed: int = 0, teacher: str | None = "largest_anchor", optim: OptimConfig | None = None,
+                network: dict | None = None, **kwargs) -> SNNetModule:
+    """Two random-init CIFAR ResNets at 16 px; ``network``: more NetworkConfig fields (two_way, ...)."""
     L.seed_everything(seed)
     return SNNetModule(
-        network=NetworkConfig(anchors=["cifar_resnet8", "cifar_resnet14"], pretrained=False, input_size=(3, 16, 16)),
+        network=NetworkConfig(anchors=["cifar_resnet8", "cifar_resnet14"], pretrained=False, input_size=(3, 16, 16), **(network or {})),
         optim=optim or OptimConfig(lr=1e-3, warmup_steps=2),
         distill=DistillConfig(teacher=teacher),
         stitch_init=StitchInitConfig(images=32, batch_size=16),
@@ -33,3 +36,25 @@ def tiny_module(seed: int = 0, teacher: str | None = "largest_anchor", optim: Op
 def tiny_data(module: SNNetModule, **kw) -> DigitsDataModule:
     kw = {"batch_size": 16, "train_limit": 96, "val_limit": 32, "num_workers": 0, **kw}
     return DigitsDataModule(data_config=module.data_config, **kw)
+
+
+def assert_forward_many_is_one_at_a_time(net, x) -> None:
+    """``forward_many`` over every configuration (in reverse order) equals each stitch run alone, bit for bit."""
+    ids = list(range(net.num_configs))
+    with torch.no_grad():
+        many = net.forward_many(x, ids[::-1])
+        for s in ids:
+            assert torch.equal(many[s], net(x, s)), s
+
+
+def assert_path_parameters_are_what_a_step_updates(net, x) -> None:
+    """For every configuration, ``path_parameters`` is exactly the set a backward gives gradients,
+    and its size is the configuration's parameter count."""
+    for stitch in range(net.num_configs):
+        net.zero_grad(set_to_none=True)
+        net(x, stitch).sum().backward()
+        with_grad = {id(p) for p in net.parameters() if p.grad is not None}
+        params = net.path_parameters(stitch)
+        assert {id(p) for p in params} == with_grad, stitch
+        assert sum(p.numel() for p in params) == net.infos[stitch].params
+    net.zero_grad(set_to_none=True)

@@ -108,5 +108,5 @@ def test_published_rows_identify_our_configurations(published_dir, name, anchors
     assert [r.acc1 for r in results] == [rows[i]["acc1"] for i in range(net.num_configs)]
     assert front_figures(results).on_front == on_front
     last = net.num_configs - 1  # the stitch cheapest in the end anchor: its FLOPs differ from stitch 2's
-    with pytest.raises(ValueError, match=rf"cfg_id 2 \(.*\): published .* not the same configuration"):
+    with pytest.raises(ValueError, match=r"cfg_id 2 \(.*\): published .* not the same configuration"):
         published_results(net, {**rows, 2: rows[last], last: rows[2]})

@@ -6,6 +6,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import assert_forward_many_is_one_at_a_time, assert_path_parameters_are_what_a_step_updates
 from snnet.network import StitchableNetwork
 from snnet.stitching import channels_last
 
@@ -131,25 +132,13 @@ def test_cross_family_lstsq_matches_direct_solution():
 
 def test_forward_many_equals_one_stitch_at_a_time(vit_net):
     x = torch.randn(3, 3, 32, 32)
-    ids = list(range(vit_net.num_configs))
-    with torch.no_grad():
-        many = vit_net.forward_many(x, ids[::-1])
-        for s in ids:
-            assert torch.equal(many[s], vit_net(x, s)), s
+    assert_forward_many_is_one_at_a_time(vit_net, x)
     with pytest.raises(IndexError, match="out of range"):
         vit_net.forward_many(x, [vit_net.num_configs])
 
 
 def test_path_parameters_are_exactly_those_a_step_updates(vit_net):
-    x = torch.randn(2, 3, 32, 32)
-    for stitch in range(vit_net.num_configs):
-        vit_net.zero_grad(set_to_none=True)
-        vit_net(x, stitch).sum().backward()
-        with_grad = {id(p) for p in vit_net.parameters() if p.grad is not None}
-        params = vit_net.path_parameters(stitch)
-        assert {id(p) for p in params} == with_grad, stitch
-        assert sum(p.numel() for p in params) == vit_net.infos[stitch].params
-    vit_net.zero_grad(set_to_none=True)
+    assert_path_parameters_are_what_a_step_updates(vit_net, torch.randn(2, 3, 32, 32))
 
 
 FIT_ROW_CASES = {  # in_shape, out_shape, in_layout, out_layout, in_prefix_tokens

@@ -6,9 +6,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +19,7 @@ import torch
 from PIL import Image
 
 from snnet.cli import main
+from snnet.serve.process import start_serve
 from snnet.results import load_results, select_stitch
 from snnet.serve.launch import eval_transform, read_checkpoint
 
@@ -60,34 +59,18 @@ def quickstart(tmp_path_factory):
     return next(out.glob("**/last.ckpt")), out / "fit_results.json"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(ckpt, results, *options, timeout=600.0):
-    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # small models: no thread contention
     log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "snnet.cli", "serve", "--ckpt", str(ckpt), "--results", str(results), "--port", str(port), *options],
-        env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,  # its own group: stop() ends all
-    )
+    try:
+        proc, url = start_serve(["--ckpt", str(ckpt), "--results", str(results), *options], env, timeout, HEADERS,
+                                stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # its own group: stop() ends all
+    except RuntimeError as e:
+        log.seek(0)
+        raise RuntimeError(f"{e}:\n{log.read()}") from None
     proc.log = log
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"snnet serve exited with {proc.returncode}:\n{read_log(proc)}")
-        try:
-            if requests.get(url + "/health", headers=HEADERS, timeout=2).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.3)
-    stop(proc)
-    raise RuntimeError(f"snnet serve did not get healthy in {timeout} s:\n{read_log(proc)}")
+    return proc, url
 
 
 def read_log(proc) -> str:

@@ -32,18 +32,32 @@ def test_cosine_floor_scales_with_each_groups_lr():
     assert seen[55][0] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half way down the cosine
 
 
-def test_frozen_anchors_end_bit_identical_and_only_stitches_train(tmp_path):
-    module = tiny_module(optim=OptimConfig(lr=1e-2, warmup_steps=0, freeze_anchors=True))
+class KeepLstsqWeights(L.Callback):
+    """The stitching layers' weights as training starts, after the least-squares fit of fit start."""
+
+    def on_train_start(self, trainer, module) -> None:
+        self.weights = [layer.proj.weight.clone() for layer in module.net.stitch_layers]
+
+
+@pytest.mark.parametrize("network", [{}, {"two_way": True, "stitch_lora_rank": 4}], ids=["v1", "two-way-lora"])
+def test_frozen_anchors_end_bit_identical_and_only_stitches_train(tmp_path, network):
+    """Also with SN-Netv2's space and LoRA stitching layers: anchors untouched, the least-squares
+    weights untouched, only the low-rank updates and biases of the stitches move."""
+    module = tiny_module(optim=OptimConfig(lr=1e-2, warmup_steps=0, freeze_anchors=True), network=network)
     before = {k: v.clone() for k, v in module.net.anchors.state_dict().items()}
     stitches_before = [p.clone() for p in module.net.stitch_layers.parameters()]
-    record = RecordStitches()
+    record, lstsq = RecordStitches(), KeepLstsqWeights()
     trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False, limit_val_batches=0,
-                        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[record])
+                        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[record, lstsq])
     trainer.fit(module, tiny_data(module))
     after = module.net.anchors.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN running statistics
     assert all(p.grad is None for p in module.net.anchors.parameters())  # no gradient computed for them
     assert all(s >= module.net.num_anchors for s in record.stitches)  # every step trains a stitch
     assert any(not torch.equal(a, b) for a, b in zip(stitches_before, module.net.stitch_layers.parameters()))
+    if network.get("stitch_lora_rank"):
+        assert any(len(c.hops) == 2 for c in module.net.configs)  # the two-way space: two-hop routes too
+        assert all(torch.equal(w, layer.proj.weight) for w, layer in zip(lstsq.weights, module.net.stitch_layers))
+        assert any(torch.count_nonzero(layer.lora_b) for layer in module.net.stitch_layers)
     assert not any(id(p) in {id(q) for q in module.net.anchors.parameters()}
                    for g in trainer.optimizers[0].param_groups for p in g["params"])

@@ -12,6 +12,7 @@ import timm
 import torch
 import yaml
 
+from helpers import assert_forward_many_is_one_at_a_time, assert_path_parameters_are_what_a_step_updates
 from snnet.anchors import NetworkConfig, build_network
 from snnet.cli import main
 from snnet.data import DigitsDataModule
@@ -70,12 +71,7 @@ def test_published_deit3_flops_identify_every_route():
 def test_every_route_runs_and_forward_many_is_bit_identical(net):
     assert net.num_configs == 15
     assert net.infos[12].name == "s[0:1] -> l[2:4] -> s[2:]"
-    x = torch.randn(3, 3, 16, 16)
-    ids = list(range(net.num_configs))
-    with torch.no_grad():
-        many = net.forward_many(x, ids[::-1])
-        for s in ids:
-            assert torch.equal(many[s], net(x, s)), s
+    assert_forward_many_is_one_at_a_time(net, torch.randn(3, 3, 16, 16))
     # l[0:2] -> s[1:2] -> l[4:] and l[0:2] -> s[1:3] -> l[6:] share l's stem, l blocks 0-1, the
     # L->S layer and s block 1: computed once
     assert net.infos[9].name == "l[0:2] -> s[1:2] -> l[4:]" and net.infos[10].name == "l[0:2] -> s[1:3] -> l[6:]"
@@ -85,14 +81,7 @@ def test_every_route_runs_and_forward_many_is_bit_identical(net):
 
 
 def test_path_parameters_of_two_hop_routes_are_what_a_step_updates(net):
-    x = torch.randn(2, 3, 16, 16)
-    for stitch in range(net.num_configs):
-        net.zero_grad(set_to_none=True)
-        net(x, stitch).sum().backward()
-        with_grad = {id(p) for p in net.parameters() if p.grad is not None}
-        assert {id(p) for p in net.path_parameters(stitch)} == with_grad, stitch
-        assert sum(p.numel() for p in net.path_parameters(stitch)) == net.infos[stitch].params
-    net.zero_grad(set_to_none=True)
+    assert_path_parameters_are_what_a_step_updates(net, torch.randn(2, 3, 16, 16))
 
 
 @pytest.mark.parametrize("name, configs", [("deit3", 15), ("cifar_resnet14", 2 + 4 + 4 + 6 + 6)])

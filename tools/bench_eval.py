@@ -56,13 +56,6 @@ class Row:
         return getattr(self.times[(source, "shared")], clock) / getattr(self.times[(source, "naive")], clock)
 
 
-def data_config(net: StitchableNetwork) -> dict:
-    """The anchors' timm data config at the network's input size (what ``SNNetModule.data_config`` gives)."""
-    from timm.data import resolve_data_config
-
-    return {**resolve_data_config(model=net.anchors[0]), "input_size": net.profiles[0].input_size}
-
-
 def write_jpeg_folder(root: Path, images: int, classes: int, size: tuple[int, int], seed: int = 0) -> Path:
     """``root/{train,val}/<class>/*.jpg``: smooth random photos-like JPEGs (quality 90), written once."""
     done = root / ".complete"
@@ -90,7 +83,7 @@ def deit_setup(args: argparse.Namespace) -> tuple[StitchableNetwork, ImageDataMo
     root = Path(args.jpeg_root or f"~/.cache/snnet/bench_jpeg_{args.images}_{width}x{height}").expanduser()
     write_jpeg_folder(root, args.images, args.num_classes, (width, height))
     kb = np.mean([p.stat().st_size for p in (root / "val").rglob("*.jpg")]) / 1024
-    dm = ImageFolderDataModule(root=str(root), data_config=data_config(net), eval_batch_size=args.batch_size,
+    dm = ImageFolderDataModule(root=str(root), data_config=net.data_config(), eval_batch_size=args.batch_size,
                                num_workers=args.num_workers)
     note = (f"random weights, {args.img_size} px, {args.num_classes} classes; {args.images} synthetic {width}x{height} "
             f"JPEGs ({kb:.0f} KB on average) resized by timm's eval transform")
@@ -103,7 +96,7 @@ def cifar_setup(args: argparse.Namespace) -> tuple[StitchableNetwork, ImageDataM
         raise SystemExit("the cifar family needs SNNET_ANCHOR_DIR (the resnet*.th files) and SNNET_DATA_DIR")
     checkpoints = pretrained_checkpoints(anchor_dir)
     net = build_network(NetworkConfig(anchors=list(checkpoints), pretrained=False, checkpoints=list(checkpoints.values())))
-    dm = CIFAR10JPEGDataModule(data_config=data_config(net), eval_batch_size=args.batch_size,
+    dm = CIFAR10JPEGDataModule(data_config=net.data_config(), eval_batch_size=args.batch_size,
                                num_workers=args.num_workers, val_limit=args.val_limit)
     images, _ = dm.calibration_batch(100)
     net.init_stitches_lstsq(images.split(50))

@@ -26,8 +26,6 @@ import json
 import os
 import platform
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -41,6 +39,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from snnet.results import load_results  # noqa: E402
+from snnet.serve.process import start_serve  # noqa: E402
 from snnet.serve.stats import percentile  # noqa: E402
 
 
@@ -57,27 +56,6 @@ def digit_images(n: int, size: int = 8) -> list[str]:
         picture.resize((size, size), Image.BILINEAR).save(buffer, format="PNG")
         out.append(base64.b64encode(buffer.getvalue()).decode())
     return out
-
-
-def start(ckpt: str, results: str, options: list[str], threads: str, timeout: float = 600) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "snnet.cli", "serve", "--ckpt", ckpt, "--results", results,
-                             "--port", str(port), *options], env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"snnet serve {' '.join(options)} exited with {proc.returncode}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"snnet serve {' '.join(options)} not healthy after {timeout} s")
 
 
 def run_step(url: str, images: list[str], clients: int, total: int) -> list[dict]:
@@ -152,7 +130,8 @@ def main() -> None:
     images = digit_images(64, args.image_size)
     rows = []
     for name, options in policies.items():
-        proc, url = start(args.ckpt, args.results, [*options, "--device", args.device, *args.serve_args], args.threads)
+        proc, url = start_serve(["--ckpt", args.ckpt, "--results", args.results, *options, "--device", args.device, *args.serve_args],
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": args.threads})
         try:
             run_step(url, images, 1, args.warmup)
             for step, clients in enumerate(args.steps):

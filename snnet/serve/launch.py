@@ -16,7 +16,7 @@ import torch
 
 from snnet.latency import measure_latency, resolve_device
 from snnet.network import StitchableNetwork
-from snnet.results import StitchResult, load_results
+from snnet.results import load_results
 from snnet.serve.policy import FixedPolicy, LatencyTable, Policy, SLOPolicy
 
 POLICIES: tuple[str, ...] = ("slo", "fixed")
@@ -90,20 +90,11 @@ def measure_table(net: StitchableNetwork, ids: list[int], sizes: tuple[int, ...]
     return LatencyTable(sizes, {s: tuple(m[s] for m in per_size) for s in ids})
 
 
-def data_config(net: StitchableNetwork) -> dict:
-    """The anchors' timm data config, as ``SNNetModule.data_config`` gives the datamodule."""
-    from timm.data import resolve_data_config
-
-    cfg = resolve_data_config(model=net.anchors[0])
-    cfg["input_size"] = net.profiles[0].input_size
-    return cfg
-
-
 def eval_transform(net: StitchableNetwork):
     """The validation transform of ``snnet validate`` (the datamodules' own, from the data config)."""
     from snnet.data import ImageDataModule
 
-    return ImageDataModule(data_config=data_config(net)).transforms()[1]
+    return ImageDataModule(data_config=net.data_config()).transforms()[1]
 
 
 def build_server(cfg: ServeConfig):
