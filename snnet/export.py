@@ -165,11 +165,11 @@ def _architecture(model: nn.Module, name: str) -> str:
 def _layer_recipe(net: StitchableNetwork, layer: int) -> LayerRecipe:
     spec, module = net.layer_specs[layer], net.stitch_layers[layer]
     j, k = spec.pairs[0]
-    front, end = net.views[spec.front], net.views[spec.end]
+    (_, in_prefix), (_, out_prefix) = net.layer_layouts(spec)
     return LayerRecipe(
         in_shape=list(net.profiles[spec.front].block_shapes[j]), out_shape=list(net._end_input_shape(spec.end, k)),
         in_layout=module.in_layout, out_layout=module.out_layout,
-        in_prefix_tokens=front.num_prefix_tokens, out_prefix_tokens=end.num_prefix_tokens,
+        in_prefix_tokens=in_prefix, out_prefix_tokens=out_prefix,
     )
 
 

@@ -173,7 +173,6 @@ def _block_fragments(name: str, model: nn.Module, input_size: tuple[int, int, in
     prof = profile_anchor(view, input_size)
     last = len(view.blocks) - 1
     in_shapes = [prof.stem_shape] + prof.block_shapes[:-1]
-    prefix = view.num_prefix_tokens if view.layout == "tokens" else 0
     head_owned = list(view.head_modules)
     fragments = []
     for i, block in enumerate(view.blocks):
@@ -182,17 +181,18 @@ def _block_fragments(name: str, model: nn.Module, input_size: tuple[int, int, in
         params = prof.block_params[i] + (prof.stem_params if i == 0 else 0) + (prof.head_params if i == last else 0)
         flops = prof.block_flops[i] + (prof.stem_flops if i == 0 else 0) + (prof.head_flops if i == last else 0)
         body = Steps(steps, owned)
+        in_layout, in_prefix = ("nchw", 0) if i == 0 else view.layout_at(i)  # block i reads point i
         if i == last:
             module: nn.Module = OutputFragment(body, view.head, _classifier_of(model), [body, *head_owned])
-            out_layout, out_shape = "vector", (int(getattr(model, "num_classes")),)
+            out_layout, out_prefix, out_shape = "vector", 0, (int(getattr(model, "num_classes")),)
         else:
-            module, out_layout, out_shape = body, view.layout, prof.block_shapes[i]
+            (out_layout, out_prefix), out_shape = view.layout_at(i + 1), prof.block_shapes[i]
+            module = body
         fragments.append(Fragment(
             source=name, position=i, granularity="block", module=module,
-            in_layout="nchw" if i == 0 else view.layout, in_shape=tuple(input_size) if i == 0 else in_shapes[i],
+            in_layout=in_layout, in_shape=tuple(input_size) if i == 0 else in_shapes[i],
             out_layout=out_layout, out_shape=tuple(out_shape), takes_input=i == 0, produces_output=i == last,
-            params=params, flops=flops, in_prefix_tokens=0 if i == 0 else prefix,
-            out_prefix_tokens=prefix if i != last else 0,
+            params=params, flops=flops, in_prefix_tokens=in_prefix, out_prefix_tokens=out_prefix,
         ))
     return fragments
 
