@@ -161,11 +161,15 @@ def _layout_of(shape: tuple[int, ...]) -> Layout:
     return kinds[len(shape)]  # type: ignore[return-value]
 
 
-def _classifier_of(model: nn.Module) -> nn.Module:
+def _classifier_of(model: nn.Module, view: AnchorView) -> nn.Module:
+    """timm's ``get_classifier()``; else (torchvision, your own models) the last Linear in the head."""
     get = getattr(model, "get_classifier", None)
-    if get is None:
-        raise TypeError(f"{type(model).__name__} has no get_classifier(): cannot find the head's classifier")
-    return get()
+    if get is not None:
+        return get()
+    linears = [m for owned in view.head_modules for m in owned.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TypeError(f"{type(model).__name__} has no get_classifier() and its head has no nn.Linear: cannot find its classifier")
+    return linears[-1]
 
 
 def _block_fragments(name: str, model: nn.Module, input_size: tuple[int, int, int]) -> list[Fragment]:
@@ -183,8 +187,11 @@ def _block_fragments(name: str, model: nn.Module, input_size: tuple[int, int, in
         body = Steps(steps, owned)
         in_layout, in_prefix = ("nchw", 0) if i == 0 else view.layout_at(i)  # block i reads point i
         if i == last:
-            module: nn.Module = OutputFragment(body, view.head, _classifier_of(model), [body, *head_owned])
-            out_layout, out_prefix, out_shape = "vector", 0, (int(getattr(model, "num_classes")),)
+            classifier = _classifier_of(model, view)
+            module: nn.Module = OutputFragment(body, view.head, classifier, [body, *head_owned])
+            num_classes = getattr(model, "num_classes", None)
+            num_classes = num_classes if isinstance(num_classes, int) else classifier.out_features
+            out_layout, out_prefix, out_shape = "vector", 0, (num_classes,)
         else:
             (out_layout, out_prefix), out_shape = view.layout_at(i + 1), prof.block_shapes[i]
             module = body
