@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,8 @@ class StitchableNetwork(nn.Module):
         self.views: list[AnchorView] = [views[i] for i in order]
         self.profiles: list[AnchorProfile] = [profiles[i] for i in order]
         self.anchor_names = _unique([names[i] for i in order])
+        # How to rebuild each anchor (an snnet.anchors.AnchorSpec), for export; build_network sets them.
+        self.anchor_specs: list[Any] = [None] * len(order)
 
         depths = [
             AnchorDepths(v.stage_depths, tuple(stitch_stages) if stitch_stages is not None else v.stitch_stages, v.isotropic)

@@ -20,6 +20,7 @@ are the real modules, so their training behaviour (dropout, drop path) is untouc
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import operator
@@ -266,6 +267,20 @@ class GraphPiece(nn.Module):
             else:
                 self._constants.append((holder, attr))
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> "GraphPiece":
+        """A copy whose buffer owners are the copies (in ``memo``) of this piece's owners: copied with
+        its model (:func:`copy_with_view`), a piece reads the copied model's buffers."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_buffers_from":
+                value = [(copy.deepcopy(holder, memo), attr, weakref.ref(memo.get(id(owner()), owner())), owner_attr)
+                         for holder, attr, owner, owner_attr in value]
+            else:
+                value = copy.deepcopy(value, memo)
+            new.__dict__[key] = value
+        return new
+
     def forward(self, x: Tensor) -> Any:
         for holder, attr, owner, owner_attr in self._buffers_from:
             setattr(holder, attr, getattr(owner(), owner_attr))
@@ -370,6 +385,18 @@ def cached_view(model: nn.Module) -> AnchorView | None:
     """The generic view already made for ``model``, if any."""
     cached = _CACHE.get(model)
     return AnchorView(model=model, **cached["fields"]) if cached is not None else None
+
+
+def copy_with_view(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy(model, memo)`` that keeps its generic view: the copy's stem, blocks and head
+    are copies over the copied modules, so a copy (e.g. export's trimmed one, whose unused tensors
+    are ``None`` and could not be split again) splits as the original did."""
+    memo = {} if memo is None else memo
+    copied = copy.deepcopy(model, memo)
+    cached = _CACHE.get(model)
+    if cached is not None:
+        _CACHE[copied] = {"requested": cached["requested"], "fields": copy.deepcopy(cached["fields"], memo)}
+    return copied
 
 
 def generic_view(
