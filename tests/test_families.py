@@ -265,3 +265,32 @@ def test_snnet_stitches_per_block_layouts_and_ls_init_is_exact_between_copies():
         ref = a(x)
         for s in range(net.num_configs):
             torch.testing.assert_close(net(x, stitch=s), ref, atol=1e-3, rtol=1e-3)
+
+
+def test_copy_with_view_keeps_the_split_and_reads_the_copys_buffers():
+    """export's trimmed copies cannot be split again (unused tensors are None): the copy takes the
+    view along, and a piece reading a buffer through fx (get_attr) reads the copy's, not the original's."""
+    from snnet.families import copy_with_view
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("offset", torch.zeros(4, 1, 1))
+            self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(2)])
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = self.blocks(x[:, :4] + self.offset)
+            return self.fc(x.mean((2, 3)))
+
+    model = Net().eval()
+    view = anchor_view(model, input_size=(4, 8, 8))
+    copied = copy_with_view(model)
+    copied.offset.fill_(1.0)
+    copied_view = anchor_view(copied)
+    assert [b is c for b, c in zip(copied_view.blocks, copied.blocks)] == [True, True]
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(copied_view.stem(x), x + 1.0)
+        torch.testing.assert_close(view.stem(x), x)
+        torch.testing.assert_close(copied_view.head(copied_view.blocks[1](copied_view.blocks[0](copied_view.stem(x)))), copied(x))
