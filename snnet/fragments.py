@@ -5,7 +5,7 @@ Granularity (``granularity=``):
 
 * ``"block"`` -- from the family's :func:`~snnet.families.anchor_view`: the stem is fused into the
   first fragment (which takes the input), the head into the last (which produces the output), every
-  block in between is one fragment. Works for every registered family, residual ones included.
+  block in between is one fragment. Works for every model anchor_view splits (hand adapters, the generic splitter), residual ones included.
 * ``"layer"`` -- the paper's cut: one fragment per Conv2d / Linear, together with the
   non-parametric ops, norms and activations that follow it up to the next Conv2d / Linear. This
   is only meaningful for plain feed-forward nets given as ``nn.Sequential`` (e.g.
