@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 Layout = Literal["tokens", "nchw", "nhwc", "vector"]  # vector: (B, C), e.g. after flatten in a plain net

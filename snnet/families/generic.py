@@ -21,7 +21,6 @@ are the real modules, so their training behaviour (dropout, drop path) is untouc
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import operator
 import weakref
