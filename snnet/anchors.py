@@ -169,9 +169,15 @@ def build_network(cfg: NetworkConfig) -> StitchableNetwork:
     for spec, model in zip(specs, anchors):
         if spec.blocks is not None:
             anchor_view(model, blocks=spec.blocks, input_size=cfg.input_size)  # cached: the network reuses it
-    return StitchableNetwork(
+    net = StitchableNetwork(
         anchors, names=[spec.name.rpartition(".")[2] if spec.source == "class_path" else spec.name for spec in specs],
         kernel_size=cfg.kernel_size, stride=cfg.stride, nearest=cfg.nearest,
         stitch_stages=cfg.stitch_stages, input_size=cfg.input_size, two_way=cfg.two_way,
         stitch_lora_rank=cfg.stitch_lora_rank,
     )
+    by_model = {id(m): spec for spec, m in zip(specs, anchors)}  # the network orders anchors by FLOPs
+    net.anchor_specs = [
+        dataclasses.replace(by_model[id(m)], kwargs={**cfg.model_kwargs, **by_model[id(m)].kwargs}, checkpoint=None, pretrained=False)
+        for m in net.anchors
+    ]
+    return net

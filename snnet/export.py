@@ -8,7 +8,7 @@ functions over several modules (a ViT stem reads ``patch_embed``, ``cls_token``,
 The same trimming rebuilds the module from ``stitch.json`` at load time, so both agree by construction.
 
 Files written by ``export_stitch``: ``model.safetensors`` (the weights), ``stitch.json`` (the
-recipe: anchors' timm names and kwargs, which parts of each anchor, the stitching layers' shapes,
+recipe: anchors' specs or timm names and kwargs, which parts of each anchor, the stitching layers' shapes,
 the step order, input size, FLOPs, params) and ``program.pt2`` (``torch.export``).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 import snnet.models  # noqa: F401  (registers the CIFAR ResNets in timm)
-from snnet.families import AnchorView, anchor_view
+from snnet.families import AnchorView, anchor_view, copy_with_view
 from snnet.network import StitchableNetwork
 from snnet.stitching import StitchingLayer
 
@@ -38,12 +38,16 @@ WEIGHTS, RECIPE, PROGRAM = "model.safetensors", "stitch.json", "program.pt2"
 
 @dataclass
 class AnchorPart:
-    """Which parts of one anchor a path runs (``model``: timm architecture to rebuild it)."""
+    """Which parts of one anchor a path runs, and how to rebuild it: ``spec`` (the anchor's
+    :class:`~snnet.anchors.AnchorSpec` without weights: ``name``, ``source``, ``kwargs``, ``blocks``)
+    where the network was built from specs, else ``model`` (a timm architecture) with the recipe's
+    ``model_kwargs`` (recipes written before specs hold only this)."""
 
     model: str
     stem: bool
     blocks: list[int]
     head: bool
+    spec: dict[str, Any] | None = None
 
 
 @dataclass
@@ -102,7 +106,7 @@ def trimmed_copy(model: nn.Module, part: AnchorPart) -> nn.Module:
     if part.stem:
         keep |= _tensors([model]) - blocks - head
     dropped = {i: None for i in _tensors([model]) - keep}
-    return copy.deepcopy(model, memo=dropped)
+    return copy_with_view(model, memo=dropped)
 
 
 class StitchModule(nn.Module):
@@ -115,16 +119,19 @@ class StitchModule(nn.Module):
         self.anchors = nn.ModuleList(anchors)
         self.stitch_layers = nn.ModuleList(layers)
         views: list[AnchorView] = [anchor_view(m) for m in self.anchors]
-        self._stem, self._head = views[0].stem, views[head_anchor].head
+        # a tuple, not attributes: a generic view's stem and head are modules over the anchors' own
+        # modules, and registering them would put every tensor in the state twice
+        self._ends = (views[0].stem, views[head_anchor].head)
         self._steps: list[Callable[[Tensor], Tensor]] = [
             views[step[1]].blocks[step[2]] if step[0] == "block" else self.stitch_layers[step[1]] for step in steps
         ]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self._stem(x)
+        stem, head = self._ends
+        x = stem(x)
         for step in self._steps:
             x = step(x)
-        return self._head(x)
+        return head(x)
 
 
 def stitch_recipe(net: StitchableNetwork, stitch: int, model_kwargs: dict[str, Any] | None = None) -> StitchRecipe:
@@ -141,11 +148,7 @@ def stitch_recipe(net: StitchableNetwork, stitch: int, model_kwargs: dict[str, A
         if layer is not None:
             steps.append(["layer", len(layers)])
             layers.append(layer)
-    parts = [
-        AnchorPart(_architecture(net.anchors[a], net.anchor_names[a]), stem=a == config.anchors[0], blocks=sorted(blocks[a]),
-                   head=a == config.anchors[-1])
-        for a in unique
-    ]
+    parts = [_part(net, a, stem=a == config.anchors[0], blocks=sorted(blocks[a]), head=a == config.anchors[-1]) for a in unique]
     info = net.infos[config.id]
     return StitchRecipe(
         id=info.id, name=info.name, flops=info.flops, params=info.params, is_anchor=info.is_anchor,
@@ -153,6 +156,14 @@ def stitch_recipe(net: StitchableNetwork, stitch: int, model_kwargs: dict[str, A
         layers=[_layer_recipe(net, layer) for layer in layers], steps=steps, model_kwargs=dict(model_kwargs or {}),
         head_anchor=local[config.anchors[-1]],
     )
+
+
+def _part(net: StitchableNetwork, anchor: int, stem: bool, blocks: list[int], head: bool) -> AnchorPart:
+    spec = net.anchor_specs[anchor]
+    if spec is None:
+        return AnchorPart(_architecture(net.anchors[anchor], net.anchor_names[anchor]), stem, blocks, head)
+    rebuild = {"name": spec.name, "source": spec.source, "kwargs": dict(spec.kwargs), "blocks": spec.blocks}
+    return AnchorPart(spec.name, stem, blocks, head, spec=rebuild)
 
 
 def _architecture(model: nn.Module, name: str) -> str:
@@ -165,11 +176,11 @@ def _architecture(model: nn.Module, name: str) -> str:
 def _layer_recipe(net: StitchableNetwork, layer: int) -> LayerRecipe:
     spec, module = net.layer_specs[layer], net.stitch_layers[layer]
     j, k = spec.pairs[0]
-    front, end = net.views[spec.front], net.views[spec.end]
+    (_, in_prefix), (_, out_prefix) = net.layer_layouts(spec)
     return LayerRecipe(
         in_shape=list(net.profiles[spec.front].block_shapes[j]), out_shape=list(net._end_input_shape(spec.end, k)),
         in_layout=module.in_layout, out_layout=module.out_layout,
-        in_prefix_tokens=front.num_prefix_tokens, out_prefix_tokens=end.num_prefix_tokens,
+        in_prefix_tokens=in_prefix, out_prefix_tokens=out_prefix,
     )
 
 
@@ -193,9 +204,21 @@ def extract_stitch(net: StitchableNetwork, stitch: int) -> StitchModule:
     return module.train(net.training)
 
 
+def _rebuild(part: AnchorPart, recipe: StitchRecipe) -> nn.Module:
+    """The whole anchor of ``part``, random weights, split as it was in the network."""
+    if part.spec is None:
+        return timm.create_model(part.model, pretrained=False, **recipe.model_kwargs)
+    from snnet.anchors import AnchorSpec, create_from_spec
+
+    spec = AnchorSpec(**part.spec)
+    model = create_from_spec(spec, pretrained=False, model_kwargs={})
+    anchor_view(model, blocks=spec.blocks, input_size=tuple(recipe.input_size))  # a generic view is cached: trimmed_copy keeps it
+    return model
+
+
 def build_stitch(recipe: StitchRecipe) -> StitchModule:
     """The module of a recipe with freshly initialised weights: only the anchors on its path are created."""
-    anchors = [trimmed_copy(timm.create_model(p.model, pretrained=False, **recipe.model_kwargs), p) for p in recipe.anchors]
+    anchors = [trimmed_copy(_rebuild(p, recipe), p) for p in recipe.anchors]
     return StitchModule(anchors, [StitchingLayer(**asdict(l)) for l in recipe.layers], recipe.steps, recipe.head_anchor)
 
 
@@ -208,8 +231,10 @@ def export_stitch(
 ) -> Path:
     """Write ``model.safetensors``, ``stitch.json`` and ``program.pt2`` for ``stitch`` into ``out_dir``.
 
-    ``model_kwargs``: the ``timm.create_model`` kwargs the anchors were built with (``NetworkConfig.
-    model_kwargs``, e.g. ``num_classes``, ``img_size``), needed to rebuild them by name.
+    Anchors built from specs (:func:`snnet.anchors.build_network`: timm, torchvision or class_path,
+    their own kwargs and named blocks) are recorded with their specs. ``model_kwargs``: for anchors
+    without one (a network built from models directly), the ``timm.create_model`` kwargs they were
+    built with (e.g. ``num_classes``, ``img_size``), needed to rebuild them by name.
     ``example_input`` (default: two random images of the network's input size) traces the program;
     its batch dimension is exported as dynamic.
     """
@@ -249,7 +274,7 @@ def load_stitch(out_dir: str | os.PathLike, device: str | torch.device = "cpu") 
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ValueError(
-            f"{out_dir}: the weights do not fit the rebuilt anchors {[p.model for p in recipe.anchors]} with "
+            f"{out_dir}: the weights do not fit the rebuilt anchors {[p.spec or p.model for p in recipe.anchors]} with "
             f"model_kwargs {recipe.model_kwargs} (were the anchors built with other timm kwargs?): {e}"
         ) from e
     return module.to(device).eval()

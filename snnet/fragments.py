@@ -5,7 +5,7 @@ Granularity (``granularity=``):
 
 * ``"block"`` -- from the family's :func:`~snnet.families.anchor_view`: the stem is fused into the
   first fragment (which takes the input), the head into the last (which produces the output), every
-  block in between is one fragment. Works for every registered family, residual ones included.
+  block in between is one fragment. Works for every model anchor_view splits (hand adapters, the generic splitter), residual ones included.
 * ``"layer"`` -- the paper's cut: one fragment per Conv2d / Linear, together with the
   non-parametric ops, norms and activations that follow it up to the next Conv2d / Linear. This
   is only meaningful for plain feed-forward nets given as ``nn.Sequential`` (e.g.
@@ -161,11 +161,15 @@ def _layout_of(shape: tuple[int, ...]) -> Layout:
     return kinds[len(shape)]  # type: ignore[return-value]
 
 
-def _classifier_of(model: nn.Module) -> nn.Module:
+def _classifier_of(model: nn.Module, view: AnchorView) -> nn.Module:
+    """timm's ``get_classifier()``; else (torchvision, your own models) the last Linear in the head."""
     get = getattr(model, "get_classifier", None)
-    if get is None:
-        raise TypeError(f"{type(model).__name__} has no get_classifier(): cannot find the head's classifier")
-    return get()
+    if get is not None:
+        return get()
+    linears = [m for owned in view.head_modules for m in owned.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TypeError(f"{type(model).__name__} has no get_classifier() and its head has no nn.Linear: cannot find its classifier")
+    return linears[-1]
 
 
 def _block_fragments(name: str, model: nn.Module, input_size: tuple[int, int, int]) -> list[Fragment]:
@@ -173,7 +177,6 @@ def _block_fragments(name: str, model: nn.Module, input_size: tuple[int, int, in
     prof = profile_anchor(view, input_size)
     last = len(view.blocks) - 1
     in_shapes = [prof.stem_shape] + prof.block_shapes[:-1]
-    prefix = view.num_prefix_tokens if view.layout == "tokens" else 0
     head_owned = list(view.head_modules)
     fragments = []
     for i, block in enumerate(view.blocks):
@@ -182,17 +185,21 @@ def _block_fragments(name: str, model: nn.Module, input_size: tuple[int, int, in
         params = prof.block_params[i] + (prof.stem_params if i == 0 else 0) + (prof.head_params if i == last else 0)
         flops = prof.block_flops[i] + (prof.stem_flops if i == 0 else 0) + (prof.head_flops if i == last else 0)
         body = Steps(steps, owned)
+        in_layout, in_prefix = ("nchw", 0) if i == 0 else view.layout_at(i)  # block i reads point i
         if i == last:
-            module: nn.Module = OutputFragment(body, view.head, _classifier_of(model), [body, *head_owned])
-            out_layout, out_shape = "vector", (int(getattr(model, "num_classes")),)
+            classifier = _classifier_of(model, view)
+            module: nn.Module = OutputFragment(body, view.head, classifier, [body, *head_owned])
+            num_classes = getattr(model, "num_classes", None)
+            num_classes = num_classes if isinstance(num_classes, int) else classifier.out_features
+            out_layout, out_prefix, out_shape = "vector", 0, (num_classes,)
         else:
-            module, out_layout, out_shape = body, view.layout, prof.block_shapes[i]
+            (out_layout, out_prefix), out_shape = view.layout_at(i + 1), prof.block_shapes[i]
+            module = body
         fragments.append(Fragment(
             source=name, position=i, granularity="block", module=module,
-            in_layout="nchw" if i == 0 else view.layout, in_shape=tuple(input_size) if i == 0 else in_shapes[i],
+            in_layout=in_layout, in_shape=tuple(input_size) if i == 0 else in_shapes[i],
             out_layout=out_layout, out_shape=tuple(out_shape), takes_input=i == 0, produces_output=i == last,
-            params=params, flops=flops, in_prefix_tokens=0 if i == 0 else prefix,
-            out_prefix_tokens=prefix if i != last else 0,
+            params=params, flops=flops, in_prefix_tokens=in_prefix, out_prefix_tokens=out_prefix,
         ))
     return fragments
 

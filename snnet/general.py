@@ -172,11 +172,11 @@ def adapter_between(
     sender_view, receiver_view = anchor_view(sender), anchor_view(receiver)
     check_point(sender_view, sender_layer, "sender")
     check_point(receiver_view, receiver_layer, "receiver")
+    (in_layout, in_prefix), (out_layout, out_prefix) = sender_view.layout_at(sender_layer), receiver_view.layout_at(receiver_layer)
     return create_adapter(
         config.name, point_shape(profiles[0], sender_layer), point_shape(profiles[1], receiver_layer),
-        sender_view.layout, receiver_view.layout, bn_before=config.bn_before, bn_after=config.bn_after,
-        rescale=config.rescale, in_prefix_tokens=sender_view.num_prefix_tokens,
-        out_prefix_tokens=receiver_view.num_prefix_tokens, **config.kwargs,
+        in_layout, out_layout, bn_before=config.bn_before, bn_after=config.bn_after,
+        rescale=config.rescale, in_prefix_tokens=in_prefix, out_prefix_tokens=out_prefix, **config.kwargs,
     )
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,8 @@ class StitchableNetwork(nn.Module):
         self.views: list[AnchorView] = [views[i] for i in order]
         self.profiles: list[AnchorProfile] = [profiles[i] for i in order]
         self.anchor_names = _unique([names[i] for i in order])
+        # How to rebuild each anchor (an snnet.anchors.AnchorSpec), for export; build_network sets them.
+        self.anchor_specs: list[Any] = [None] * len(order)
 
         depths = [
             AnchorDepths(v.stage_depths, tuple(stitch_stages) if stitch_stages is not None else v.stitch_stages, v.isotropic)
@@ -87,14 +89,20 @@ class StitchableNetwork(nn.Module):
     # --- construction ---------------------------------------------------------------------
     def _make_layer(self, spec: LayerSpec) -> StitchingLayer:
         j, k = spec.pairs[0]
-        front, end = self.views[spec.front], self.views[spec.end]
+        (in_layout, in_prefix), (out_layout, out_prefix) = self.layer_layouts(spec)
         return StitchingLayer(
             in_shape=self.profiles[spec.front].block_shapes[j],
             out_shape=self._end_input_shape(spec.end, k),
-            in_layout=front.layout, out_layout=end.layout,
-            in_prefix_tokens=front.num_prefix_tokens, out_prefix_tokens=end.num_prefix_tokens,
+            in_layout=in_layout, out_layout=out_layout,
+            in_prefix_tokens=in_prefix, out_prefix_tokens=out_prefix,
             lora_rank=self.stitch_lora_rank,
         )
+
+    def layer_layouts(self, spec: LayerSpec) -> tuple[tuple[str, int], tuple[str, int]]:
+        """(layout, prefix tokens) a stitching layer reads (the front's block j output) and writes (the
+        end's block k input), per block: a view's layout may change along its blocks."""
+        j, k = spec.pairs[0]
+        return self.views[spec.front].layout_at(j + 1), self.views[spec.end].layout_at(k)
 
     def _end_input_shape(self, anchor: int, block: int) -> tuple[int, ...]:
         p = self.profiles[anchor]
@@ -261,7 +269,7 @@ class StitchableNetwork(nn.Module):
                     for local, i in enumerate(ids):
                         layer = self.stitch_layers[i]
                         for j, k in self.layer_specs[i].pairs:
-                            target = channels_last(feats[end][k], self.views[end].layout)
+                            target = channels_last(feats[end][k], self.views[end].layout_at(k)[0])
                             systems[(front, end, stage)].update(
                                 local, layer.fit_rows(feats[front][j + 1]), target.reshape(-1, layer.out_features)
                             )

@@ -68,8 +68,9 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """The size the model was built for: a fixed patch-embedding size wins over the pretrained config."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     patch_embed = getattr(model, "patch_embed", None)
-    if getattr(patch_embed, "img_size", None) is not None:
-        return (patch_embed.proj.in_channels, *patch_embed.img_size)
+    if getattr(patch_embed, "img_size", None) is not None:  # proj may be a Sequential (XCiT): channels from the config
+        channels = getattr(getattr(patch_embed, "proj", None), "in_channels", None) or cfg.get("input_size", (3,))[0]
+        return (channels, *patch_embed.img_size)
     if "input_size" not in cfg:
         raise ValueError(f"{type(model).__name__} has no pretrained_cfg['input_size']; pass input_size explicitly")
     return tuple(cfg["input_size"])

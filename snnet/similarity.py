@@ -194,7 +194,7 @@ def select_pairs(
 
 # --- features ------------------------------------------------------------------------------------
 def _pool(h: Tensor, layout: str, pool: str) -> Tensor:
-    if pool == "flatten":
+    if pool == "flatten" or layout == "vector":  # a vector has no positions to average over
         return h.flatten(1)
     return h.mean(dim=(2, 3) if layout == "nchw" else (1, 2) if layout == "nhwc" else 1)
 
@@ -209,10 +209,10 @@ def point_features(view: AnchorView, x: Tensor, pool: Literal["flatten", "mean"]
     if pool not in ("flatten", "mean"):
         raise ValueError(f"unknown pool {pool!r}; choose 'flatten' or 'mean'")
     h = view.stem(x)
-    feats = [_pool(h, view.layout, pool)]
-    for block in view.blocks:
+    feats = [_pool(h, view.layout_at(0)[0], pool)]
+    for p, block in enumerate(view.blocks, start=1):
         h = block(h)
-        feats.append(_pool(h, view.layout, pool))
+        feats.append(_pool(h, view.layout_at(p)[0], pool))
     return feats
 
 

@@ -82,3 +82,32 @@ def test_torchvision_and_class_path_anchors_load_local_weights_and_named_blocks(
         build_network(plain).load_state_dict(net.state_dict())
     view = net.views[0]  # the user-named blocks were used
     assert len(view.blocks) == 4 and view.blocks[0] is view.model.features[3]
+
+
+def test_fit_cli_parses_and_builds_per_anchor_specs_with_user_imports_without_running(tmp_path, monkeypatch):
+    """`snnet fit --config` (LightningCLI, run=False): per-anchor specs of custom widths, a
+    torchvision anchor with named blocks, and a timm model registered by a module in ``imports``."""
+    from snnet.cli import build_cli
+
+    (tmp_path / "snnet_user_models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "snnet_user_models", raising=False)
+    vit = {"patch_size": 4, "depth": 2, "num_heads": 2, "img_size": 16, "num_classes": 10}
+    config = {
+        "trainer": {"max_steps": 1, "logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path)},
+        "model": {"class_path": "snnet.module.SNNetModule", "init_args": {"network": {
+            "imports": ["snnet_user_models"], "pretrained": False, "input_size": [3, 16, 16],
+            "anchors": [
+                {"name": "vit_tiny_patch16_224", "kwargs": {**vit, "embed_dim": 48}},
+                {"name": "snnet_test_vit_micro", "kwargs": vit},
+            ],
+        }}},
+        "data": {"class_path": "snnet.data.DigitsDataModule", "init_args": {"batch_size": 8}},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    cli = build_cli(["--config", str(tmp_path / "fit.yaml")], run=False)  # run=False: no subcommand
+    net = cli.model.net
+    assert [a.embed_dim for a in net.anchors] == [32, 48]  # ordered by FLOPs: the registered micro ViT first
+    assert net.anchor_names == ["snnet_test_vit_micro", "vit_tiny_patch16_224"]
+    assert [s.kwargs for s in net.anchor_specs] == [vit, {**vit, "embed_dim": 48}]  # kept for export
+    assert cli.trainer.global_step == 0  # parsed and built, not run

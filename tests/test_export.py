@@ -99,10 +99,53 @@ def test_vit_stitch_stem_and_head_span_several_modules(vit_net, tmp_path):
     assert not {"anchors.1.cls_token", "anchors.1.pos_embed", "anchors.0.head.weight", "anchors.0.norm.weight"} & names
 
 
-def test_wrong_model_kwargs_are_a_clear_error_at_load(vit_net, tmp_path):
-    export_stitch(vit_net, 0, tmp_path)  # model_kwargs forgotten: the rebuilt anchor is a 224 px ViT
+def test_wrong_model_kwargs_are_a_clear_error_at_load(tmp_path):
+    """A network built from models directly has no specs: export needs their timm kwargs."""
+    import timm
+
+    from snnet.network import StitchableNetwork
+
+    anchors = [timm.create_model(n, **VIT.model_kwargs) for n in VIT.anchors]
+    export_stitch(StitchableNetwork(anchors, names=VIT.anchors), 0, tmp_path)  # kwargs forgotten: a 224 px ViT
     with pytest.raises(ValueError, match="were the anchors built with other timm kwargs"):
         load_stitch(tmp_path)
+
+
+# torchvision anchors with their own kwargs; ResNet-18 cut at its stages by named blocks, ResNet-34 by the splitter
+TORCHVISION = NetworkConfig(
+    anchors=[{"name": "resnet18", "source": "torchvision", "kwargs": {"num_classes": 7},
+              "blocks": ["layer1", "layer2", "layer3", "layer4"]},
+             {"name": "resnet34", "source": "torchvision", "kwargs": {"num_classes": 7}}],
+    pretrained=False, input_size=(3, 32, 32))
+
+
+def test_export_of_per_anchor_spec_anchors_rebuilds_them_and_old_recipes_still_load(cifar_net, tmp_path):
+    net = built(TORCHVISION)
+    assert [len(v.blocks) for v in net.views] == [4, 16]
+    stitch = next(i for i in net.infos if not i.is_anchor)
+    export_stitch(net, stitch.id, tmp_path / "tv")  # no model_kwargs: the specs carry each anchor's own
+    recipe = load_recipe(tmp_path / "tv")
+    assert [p.spec for p in recipe.anchors] == [
+        {"name": "resnet18", "source": "torchvision", "kwargs": {"num_classes": 7}, "blocks": ["layer1", "layer2", "layer3", "layer4"]},
+        {"name": "resnet34", "source": "torchvision", "kwargs": {"num_classes": 7}, "blocks": None},
+    ]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        loaded = load_stitch(tmp_path / "tv")
+        torch.testing.assert_close(loaded(x), net(x, stitch.id), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_program(tmp_path / "tv").module()(x), net(x, stitch.id), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in loaded.parameters()) == stitch.params
+
+    # a recipe written before specs (timm names and one model_kwargs) still loads
+    export_stitch(cifar_net, cifar_net.num_configs - 1, tmp_path / "old")
+    path = tmp_path / "old" / "stitch.json"
+    old = json.loads(path.read_text())
+    for part in old["anchors"]:
+        del part["spec"]
+    path.write_text(json.dumps(old))
+    y = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_stitch(tmp_path / "old")(y), cifar_net(y, cifar_net.num_configs - 1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -216,3 +216,81 @@ def test_resnet_to_deit_map_to_token_and_mobilenet_to_swin_bottleneck():
                               AdapterConfig(name="bottleneck", rescale="bilinear"), input_size=(3, 64, 64))
     stitched(x).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stitched.adapter.parameters())
+
+
+# --- per-block layouts ---------------------------------------------------------------------
+def test_alexnet_classifier_blocks_are_vectors_after_nchw_feature_blocks():
+    """Named classifier blocks after the flatten: each block keeps its own layout, and the vector
+    blocks form their own stage (so SN-Net never pairs a map with a vector inside one stage)."""
+    alexnet = torchvision.models.alexnet(weights=None).eval()
+    names = [f"features.{i}" for i in range(13)] + ["classifier.1", "classifier.2", "classifier.4", "classifier.5"]
+    view = anchor_view(alexnet, blocks=names, input_size=(3, 64, 64))
+    assert view.point_layouts == ["nchw"] * 14 + ["vector"] * 4  # stem output, 13 feature blocks, 4 classifier blocks
+    assert view.layout_at(13) == ("nchw", 0) and view.layout_at(14) == ("vector", 0)
+    vector_stages = {s for s, lay in zip(view.block_stages, view.point_layouts[1:]) if lay == "vector"}
+    map_stages = {s for s, lay in zip(view.block_stages, view.point_layouts[1:]) if lay == "nchw"}
+    assert len(vector_stages) == 1 and not vector_stages & map_stages
+    assert check_view(view, (3, 64, 64)) < 1e-4
+
+
+def _plain_net(width: int) -> nn.Sequential:
+    """Convs, then a flatten, then linear blocks: nchw points, then vector points."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 2 * width), nn.ReLU(),
+        nn.Linear(2 * width, 2 * width), nn.ReLU(), nn.Linear(2 * width, 5),
+    ).eval()
+
+
+def test_snnet_stitches_per_block_layouts_and_ls_init_is_exact_between_copies():
+    """Two copies of a conv -> flatten -> linear net, stitched in every stage: each stitching layer
+    reads and writes its own blocks' layouts (1x1 conv on maps, linear on vectors), and least
+    squares between copies recovers the identity, so every stitch computes the anchor's output."""
+    from snnet.network import StitchableNetwork
+
+    torch.manual_seed(0)
+    a = _plain_net(8)
+    b = _plain_net(8)
+    b.load_state_dict(a.state_dict())
+    blocks = ["1", "3", "7", "9"]  # the ReLUs: two nchw (16x16 grid), two vector
+    for m in (a, b):
+        view = anchor_view(m, blocks=blocks, input_size=(3, 16, 16))
+        assert view.point_layouts[1:] == ["nchw", "nchw", "vector", "vector"] and view.stage_depths == (2, 2)
+    net = StitchableNetwork([a, b], names=["a", "b"], input_size=(3, 16, 16), stitch_stages=(0, 1))
+    layouts = {(layer.in_layout, layer.out_layout) for layer in net.stitch_layers}
+    assert layouts == {("nchw", "nchw"), ("vector", "vector")}
+    x = torch.randn(64, 3, 16, 16)
+    net.init_stitches_lstsq([x])
+    with torch.no_grad():
+        ref = a(x)
+        for s in range(net.num_configs):
+            torch.testing.assert_close(net(x, stitch=s), ref, atol=1e-3, rtol=1e-3)
+
+
+def test_copy_with_view_keeps_the_split_and_reads_the_copys_buffers():
+    """export's trimmed copies cannot be split again (unused tensors are None): the copy takes the
+    view along, and a piece reading a buffer through fx (get_attr) reads the copy's, not the original's."""
+    from snnet.families import copy_with_view
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("offset", torch.zeros(4, 1, 1))
+            self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(2)])
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = self.blocks(x[:, :4] + self.offset)
+            return self.fc(x.mean((2, 3)))
+
+    model = Net().eval()
+    view = anchor_view(model, input_size=(4, 8, 8))
+    copied = copy_with_view(model)
+    copied.offset.fill_(1.0)
+    copied_view = anchor_view(copied)
+    assert [b is c for b, c in zip(copied_view.blocks, copied.blocks)] == [True, True]
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(copied_view.stem(x), x + 1.0)
+        torch.testing.assert_close(view.stem(x), x)
+        torch.testing.assert_close(copied_view.head(copied_view.blocks[1](copied_view.blocks[0](copied_view.stem(x)))), copied(x))

@@ -369,3 +369,55 @@ def test_datamodule_class_subset_relabels() -> None:
         DigitsDataModule(data_config=full.data_config, num_workers=0, classes=[3, 12]).setup()
     with pytest.raises(ValueError, match="at least 2 distinct"):
         DigitsDataModule(data_config=full.data_config, classes=[3, 3])
+
+
+# ------------------------------------------------------------------------------ the paper's pool
+# Each architecture cut at its stages (blocks named as a user would in YAML), as StitchNet's coarse fragments.
+PAPER_POOL = {
+    "alexnet": ["features.2", "features.5", "features.12"],
+    "densenet121": [f"features.denseblock{i}" for i in range(1, 5)],
+    "mobilenet_v3_small": ["features.1", "features.3", "features.8", "features.11"],
+    "resnet50": ["layer1", "layer2", "layer3", "layer4"],
+    "vgg16": ["features.4", "features.9", "features.16", "features.23", "features.30"],
+}
+
+
+@torch.no_grad()
+def test_paper_pool_of_five_torchvision_architectures_composes_mixed_networks_exactly(tmp_path) -> None:
+    """StitchNet's own pool (torchvision AlexNet, DenseNet-121, MobileNetV3-small, ResNet-50, VGG-16;
+    random weights, 64 px, stage-level fragments): composed networks mix architectures, and each one's forward equals its
+    fragments run by hand with bridges refitted by least squares from the same samples."""
+    import torchvision
+
+    from snnet.stitchnet import fit_bridge, in_spec, out_spec
+
+    torch.manual_seed(0)
+    models = {name: torchvision.models.get_model(name, weights=None).eval() for name in PAPER_POOL}
+    size = (3, 64, 64)  # the smallest AlexNet takes (its third max-pool needs a 3x3 map)
+    for name, blocks in PAPER_POOL.items():
+        assert len(anchor_view(models[name], blocks=blocks, input_size=size).blocks) == len(blocks)  # the pool reuses these views
+    pool = build_fragment_pool(models, "block", size)
+    assert {f.source for f in pool.fragments} == set(PAPER_POOL)
+    x = _randn(8, *size, seed=60)
+    acts = pool_activations(pool, x, cache=False, progress=False)
+    cfg = ComposeConfig(max_networks=12, threshold=0.0, head="original")
+    comp = compose(pool, x, config=cfg, activations=acts, progress=False)
+    sources = [{name.split("[")[0] for name in c.fragments} for c in comp.candidates]
+    assert any(len(s) >= 2 for s in sources), [c.name for c in comp.candidates]
+    for c in comp.candidates:
+        frags = [pool.fragments[pool.index(*_parse(name))] for name in c.fragments]
+        h = x
+        for prev, f in zip([None, *frags], frags):
+            if prev is not None and not (prev.source == f.source and prev.position + 1 == f.position):
+                bridge = fit_bridge(make_bridge(out_spec(prev), in_spec(f)), h, acts.inputs[pool.fragments.index(f)],
+                                    f.in_layout, cfg.bridge_ridge, cfg.batch_size)
+                h = bridge(h)
+            h = f.module(h)
+        torch.testing.assert_close(comp(x, c.id), h, atol=1e-4, rtol=1e-3, msg=c.name)
+        if c.is_anchor:
+            torch.testing.assert_close(h, models[frags[0].source](x), atol=1e-4, rtol=1e-3)
+
+
+def _parse(name: str) -> tuple[str, int]:
+    source, position = name[:-1].split("[")
+    return source, int(position)

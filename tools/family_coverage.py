@@ -1,11 +1,12 @@
 """Sweep: does every timm architecture module (and the listed torchvision models) split?
 
 For each timm module the smallest model (parameter count, read on the meta device without
-allocating weights) is built with random weights and split with ``snnet.families.anchor_view``;
-the split is checked with ``check_view`` (stem -> blocks -> head == model(x), eval, float32).
-Writes the table to docs/families.md; per-model time is bounded by ``--timeout``.
+allocating weights) is built with random weights at its default input size, or 224 if larger (its
+own size where the model does not run at 224, e.g. CrossViT's two branch sizes), and split with
+``snnet.families.anchor_view``; the split is checked with ``check_view`` (stem -> blocks -> head ==
+model(x), eval, float32). Writes the table to docs/families.md; per-model time is bounded by ``--timeout``.
 
-    python tools/family_coverage.py --out docs/families.md            # everything (~1 h on 2 shared cores)
+    python tools/family_coverage.py --out docs/families.md            # everything (11 min, one process, 2 shared cores, 2026-12-02)
     python tools/family_coverage.py --modules convnext levit --torchvision none
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import timm
 import torch
 import torchvision
 
-from snnet.families import anchor_view, check_view, registered_adapter
+from snnet.families import AnchorView, ProbeError, anchor_view, check_view, registered_adapter
 
 TORCHVISION = [
     "alexnet", "vgg16", "densenet121", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet50",
@@ -44,6 +45,7 @@ class Row:
     prefix_tokens: int = 0
     seconds: float = 0.0
     reason: str = ""
+    size: str = ""  # probe input HxW
 
 
 class Timeout(Exception):
@@ -88,14 +90,26 @@ def smallest_model(module: str, candidates: int = 6) -> str:
     return best[1]
 
 
-def build_timm(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
-    size = tuple(timm.get_pretrained_cfg(name).input_size) if timm.get_pretrained_cfg(name) else (3, 224, 224)
-    if max(size[1:]) > MAX_SIZE:
+def default_size(name: str) -> tuple[int, int, int]:
+    return tuple(timm.get_pretrained_cfg(name).input_size) if timm.get_pretrained_cfg(name) else (3, 224, 224)
+
+
+def build_timm(name: str, size: tuple[int, int, int]) -> torch.nn.Module:
+    """``name`` built for ``size`` (``img_size`` where timm takes it and it differs from the default)."""
+    if size != default_size(name):
         try:
-            return timm.create_model(name, img_size=MAX_SIZE), (size[0], MAX_SIZE, MAX_SIZE)
+            return timm.create_model(name, img_size=size[1])  # square sizes only
         except TypeError:  # no img_size argument: convolutional, any size works
-            return timm.create_model(name), (size[0], MAX_SIZE, MAX_SIZE)
-    return timm.create_model(name), size
+            pass
+    return timm.create_model(name)
+
+
+def _split(model: torch.nn.Module, size: tuple[int, int, int]) -> AnchorView:
+    model.eval()
+    view = anchor_view(model, input_size=size)
+    if registered_adapter(model) is not None:  # generic views are verified while splitting
+        check_view(view, size)
+    return view
 
 
 def split_row(source: str, module: str, model_name: str, timeout: int) -> Row:
@@ -104,16 +118,22 @@ def split_row(source: str, module: str, model_name: str, timeout: int) -> Row:
     try:
         torch.manual_seed(0)
         if source == "timm":
-            model, size = build_timm(model_name)
+            default = default_size(model_name)
+            size = (default[0], MAX_SIZE, MAX_SIZE) if max(default[1:]) > MAX_SIZE else default
+            try:
+                view = _split(build_timm(model_name, size), size)
+            except ProbeError:  # the model does not run at 224 (CrossViT's two branch sizes): its own size
+                if size == default:
+                    raise
+                size = default
+                view = _split(build_timm(model_name, size), size)
         else:
-            model, size = torchvision.models.get_model(model_name, weights=None), (3, 224, 224)
-        model.eval()
-        view = anchor_view(model, input_size=size)
-        if registered_adapter(model) is not None:  # generic views are verified while splitting
-            check_view(view, size)
+            size = (3, 224, 224)
+            view = _split(torchvision.models.get_model(model_name, weights=None), size)
         stages = "/".join(str(d) for d in view.stage_depths)
-        return Row(source, module, model_name, "pass", len(view.blocks), stages, view.layout,
-                   view.num_prefix_tokens, time.perf_counter() - start)
+        layouts = ",".join(dict.fromkeys(view.point_layouts[1:]))  # per block, in order of appearance
+        prefix = max(view.point_prefix_tokens[1:])
+        return Row(source, module, model_name, "pass", len(view.blocks), stages, layouts, prefix, time.perf_counter() - start, size=f"{size[1]}x{size[2]}")
     except Timeout:
         return Row(source, module, model_name, "fail", seconds=time.perf_counter() - start, reason=f"timeout ({timeout} s)")
     except Exception as err:  # noqa: BLE001  (every failure is a row with its reason)
@@ -133,20 +153,21 @@ def write_table(rows: list[Row], path: Path, command: str) -> None:
         "",
         f"Generated by `{command}` (timm {timm.__version__}, torchvision {torchvision.__version__}, "
         f"torch {torch.__version__}; random weights; {time.strftime('%Y-%m-%d', time.gmtime())}, 2 shared CPU cores).",
-        "Each row: the smallest model of the module, split by `snnet.families.anchor_view` and checked "
+        "Each row: the smallest model of the module at its default input size or 224 if larger (its own size "
+        "where it does not run at 224), split by `snnet.families.anchor_view` and checked "
         "with `check_view` (stem -> blocks -> head == model(x), eval, float32, max abs diff < 1e-4).",
         "",
         f"**timm: {passed} of {modules_done} architecture modules swept pass** "
         f"(timm has {len(timm_modules())} architecture modules); "
         f"**torchvision: {sum(r.status == 'pass' for r in tv_rows)} of {len(tv_rows)}**.",
         "",
-        "| source | module | model | status | blocks | stage depths | layout | prefix tokens | s | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| source | module | model | input | status | blocks | stage depths | layout | prefix tokens | s | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         reason = r.reason.replace("|", "\\|")
-        lines.append(f"| {r.source} | {r.module} | {r.model} | {r.status} | {r.blocks or ''} | {r.stages} | "
-                     f"{r.layout} | {r.prefix_tokens if r.layout == 'tokens' else ''} | {r.seconds:.1f} | {reason} |")
+        lines.append(f"| {r.source} | {r.module} | {r.model} | {r.size} | {r.status} | {r.blocks or ''} | {r.stages} | "
+                     f"{r.layout} | {r.prefix_tokens if 'tokens' in r.layout else ''} | {r.seconds:.1f} | {reason} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -157,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--modules", nargs="*", default=None, help="timm modules (default: all)")
     parser.add_argument("--torchvision", nargs="*", default=TORCHVISION, help="torchvision models ('none': skip)")
-    parser.add_argument("--timeout", type=int, default=90, help="seconds per model")
+    parser.add_argument("--timeout", type=int, default=300,
+                        help="seconds per model (the largest, deepseek_vit_412m, took 29 s alone on 1 thread)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGALRM, _alarm)

@@ -8,10 +8,10 @@ from snnet.families.base import (
     registered_adapter,
     supported_families,
 )
-from snnet.families.generic import SplitError, check_view, discover_blocks, generic_view
+from snnet.families.generic import ProbeError, SplitError, check_view, copy_with_view, discover_blocks, generic_view
 from snnet.families import handwritten  # noqa: F401  (registers the hand adapters)
 
 __all__ = [
-    "LAYOUTS", "AnchorView", "Layout", "SplitError", "anchor_view", "check_view", "discover_blocks", "generic_view",
+    "LAYOUTS", "AnchorView", "Layout", "ProbeError", "SplitError", "anchor_view", "check_view", "copy_with_view", "discover_blocks", "generic_view",
     "register_family", "registered_adapter", "supported_families",
 ]

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 Layout = Literal["tokens", "nchw", "nhwc", "vector"]  # vector: (B, C), e.g. after flatten in a plain net
@@ -22,6 +21,10 @@ class AnchorView:
     """An anchor split into stem, ordered blocks and head (final norm included).
 
     ``stem(x)`` then every block in order then ``head(x)`` must equal ``model(x)``.
+    Activations are read at *points*: point 0 is the stem's output, point ``p`` block ``p - 1``'s.
+    ``layout`` / ``num_prefix_tokens`` hold at every point unless ``point_layouts`` /
+    ``point_prefix_tokens`` (one entry per point) say otherwise: a plain net's classifier blocks
+    after a flatten carry vectors after NCHW feature blocks. Read them with :meth:`layout_at`.
     """
 
     model: nn.Module
@@ -34,6 +37,27 @@ class AnchorView:
     stitch_stages: tuple[int, ...]  # stages in which SN-Net may stitch (family default)
     isotropic: bool  # one stage of equal blocks (ViT): windows also pair j >= k
     num_prefix_tokens: int = 0
+    point_layouts: list[Layout] | None = None
+    point_prefix_tokens: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        points = len(self.blocks) + 1
+        if self.point_layouts is None:
+            self.point_layouts = [self.layout] * points
+        if self.point_prefix_tokens is None:
+            self.point_prefix_tokens = [self.num_prefix_tokens if lay == "tokens" else 0 for lay in self.point_layouts]
+        if not len(self.point_layouts) == len(self.point_prefix_tokens) == points:
+            raise ValueError(
+                f"point_layouts ({len(self.point_layouts)}) and point_prefix_tokens ({len(self.point_prefix_tokens)}) "
+                f"need one entry per point: the stem output and each of the {len(self.blocks)} blocks' outputs"
+            )
+        bad = [lay for lay in self.point_layouts if lay not in LAYOUTS]
+        if bad:
+            raise ValueError(f"unknown layouts {bad}; choose from {LAYOUTS}")
+
+    def layout_at(self, point: int) -> tuple[Layout, int]:
+        """(layout, prefix tokens) of the activation at ``point`` (0: stem output, p: block p - 1's)."""
+        return self.point_layouts[point], self.point_prefix_tokens[point]
 
     @property
     def stage_depths(self) -> tuple[int, ...]:

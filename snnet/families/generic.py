@@ -20,7 +20,7 @@ are the real modules, so their training behaviour (dropout, drop path) is untouc
 """
 from __future__ import annotations
 
-import inspect
+import copy
 import math
 import operator
 import weakref
@@ -52,6 +52,16 @@ class SplitError(TypeError):
             "(anchor_view(model, blocks=[...]) or `blocks:` in the anchor spec) or register a hand adapter "
             "with snnet.families.register_family."
         )
+
+
+class ProbeError(SplitError):
+    """The model itself fails on the probe input (e.g. an input size it was not built for)."""
+
+
+def _reason(err: Exception) -> str:
+    """An exception as one short line (its type, and its message's first line if it has one)."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 # --- 1. blocks from structure ---------------------------------------------------------------
@@ -173,7 +183,7 @@ def _trace(model: nn.Module, names: list[str], leaves: set[int]) -> tuple[fx.Gra
     try:
         graph = tracer.trace(wrapper)
     except Exception as err:  # noqa: BLE001  (fx raises many kinds; the reason goes into the message)
-        raise SplitError(model, f"torch.fx cannot trace it ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+        raise SplitError(model, f"torch.fx cannot trace it ({_reason(err)})") from err
     return fx.GraphModule(wrapper, graph), wrapper
 
 
@@ -214,11 +224,19 @@ def _live_sets(nodes: list[fx.Node], free: set[fx.Node]) -> list[set[fx.Node]]:
     return live
 
 
+def _is_container(n: fx.Node) -> bool:
+    """A value only ever unpacked (``x, size = patch_embed(x)``): a tuple, never a cut."""
+    return bool(n.users) and all(
+        u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in n.users
+    )
+
+
 def _cuts(nodes: list[fx.Node], live: list[set[fx.Node]], block_pos: list[int]) -> list[int | None]:
-    """Cut positions (cut after node p, where one value is live): before the first block (latest),
-    after each block (earliest). That the value is a tensor is checked when the pieces run."""
+    """Cut positions (cut after node p, where one value is live and is not unpacked as a tuple):
+    before the first block (latest), after each block (earliest). That the value is a tensor is
+    checked when the pieces run."""
     def valid(p: int) -> bool:
-        return len(live[p]) == 1
+        return len(live[p]) == 1 and not _is_container(next(iter(live[p])))
 
     first = next((p for p in range(block_pos[0] - 1, -1, -1) if valid(p)), None)
     bounds = [*block_pos[1:], len(nodes) - 1]
@@ -247,6 +265,20 @@ class GraphPiece(nn.Module):
                 self._buffers_from.append((holder, attr, weakref.ref(owner), attr))
             else:
                 self._constants.append((holder, attr))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "GraphPiece":
+        """A copy whose buffer owners are the copies (in ``memo``) of this piece's owners: copied with
+        its model (:func:`copy_with_view`), a piece reads the copied model's buffers."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_buffers_from":
+                value = [(copy.deepcopy(holder, memo), attr, weakref.ref(memo.get(id(owner()), owner())), owner_attr)
+                         for holder, attr, owner, owner_attr in value]
+            else:
+                value = copy.deepcopy(value, memo)
+            new.__dict__[key] = value
+        return new
 
     def forward(self, x: Tensor) -> Any:
         for holder, attr, owner, owner_attr in self._buffers_from:
@@ -313,10 +345,11 @@ def _layout(shape: tuple[int, ...], prefix_attr: int | None) -> tuple[Layout, in
     """Layout and prefix-token count of one activation shape (without batch)."""
     if len(shape) == 1:
         return "vector", 0
-    if len(shape) == 2:
+    if len(shape) == 2:  # prefix tokens: those that leave a square grid (the model's count, or none, where it says)
         n = shape[0]
-        prefix = prefix_attr if prefix_attr is not None else next((p for p in range(9) if math.isqrt(n - p) ** 2 == n - p), 0)
-        return "tokens", prefix
+        candidates = range(min(9, n)) if prefix_attr is None else (prefix_attr, 0)
+        square = next((p for p in candidates if math.isqrt(n - p) ** 2 == n - p), None)
+        return "tokens", square if square is not None else (prefix_attr or 0)
     if len(shape) == 3:
         a, b, c = shape
         return ("nhwc" if a == b and b != c else "nchw"), 0
@@ -327,11 +360,19 @@ def _grid(shape: tuple[int, ...], layout: Layout, prefix: int) -> tuple[int, ...
     return {"nchw": shape[1:], "nhwc": shape[:2], "tokens": (shape[0] - prefix,), "vector": ()}[layout]
 
 
-def _run(stem: nn.Module, units: list[nn.Module], x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    h = stem(x)
-    outs = []
-    for u in units:
-        h = u(h)
+def _run(model: nn.Module, stem: nn.Module, units: list[nn.Module], x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """``stem`` then ``units`` on ``x``: the final value and the value at every point (the stem's
+    output, then every unit's). A piece that fails
+    or passes on anything but one tensor raises :class:`SplitError` naming it."""
+    h, outs = x, []
+    for i, piece in enumerate([stem, *units]):
+        where = "its stem" if i == 0 else f"its block {i - 1}"
+        try:
+            h = piece(h)
+        except Exception as err:  # noqa: BLE001  (a piece cut at a wrong point fails in many ways)
+            raise SplitError(model, f"{where} fails when run alone ({_reason(err)})") from err
+        if not isinstance(h, Tensor):
+            raise SplitError(model, f"{where} passes a {type(h).__name__} on, not one tensor")
         outs.append(h)
     return h, outs
 
@@ -343,6 +384,18 @@ def cached_view(model: nn.Module) -> AnchorView | None:
     """The generic view already made for ``model``, if any."""
     cached = _CACHE.get(model)
     return AnchorView(model=model, **cached["fields"]) if cached is not None else None
+
+
+def copy_with_view(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy(model, memo)`` that keeps its generic view: the copy's stem, blocks and head
+    are copies over the copied modules, so a copy (e.g. export's trimmed one, whose unused tensors
+    are ``None`` and could not be split again) splits as the original did."""
+    memo = {} if memo is None else memo
+    copied = copy.deepcopy(model, memo)
+    cached = _CACHE.get(model)
+    if cached is not None:
+        _CACHE[copied] = {"requested": cached["requested"], "fields": copy.deepcopy(cached["fields"], memo)}
+    return copied
 
 
 def generic_view(
@@ -371,7 +424,12 @@ def _split(model: nn.Module, blocks: Sequence[str] | None, input_size: tuple[int
     was_training = model.training
     model.eval()
     try:
-        x = torch.randn(2, *(input_size or _input_size(model)), generator=torch.Generator().manual_seed(0))
+        size = tuple(input_size or _input_size(model))
+        x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+        try:
+            ref = model(x)
+        except Exception as err:  # noqa: BLE001
+            raise ProbeError(model, f"model(x) itself fails at input size {size} ({_reason(err)})") from err
         try:  # every glue module a leaf: no forward needed before tracing
             traced, root = _trace(model, names, {id(m) for m in modules} | _glue_modules(model, names))
         except SplitError:  # e.g. a patch embed returning (x, size): trace through modules returning more than a tensor
@@ -407,10 +465,8 @@ def _split(model: nn.Module, blocks: Sequence[str] | None, input_size: tuple[int
             _piece(traced, root, nodes[a + 1: b + 1], free, cut_value[a], cut_value[b]) for a, b in zip(kept, kept[1:])
         ]
         head = _piece(traced, root, nodes[kept[-1] + 1: -1], free, cut_value[kept[-1]], output)
-        h, outs = _run(stem, units, x)
-        if not all(isinstance(o, Tensor) for o in [h, *outs]):
-            raise SplitError(model, "a value between its blocks is not one tensor")
-        _check_output(model, head(h), model(x))
+        h, outs = _run(model, stem, units, x)
+        _check_output(model, head(h), ref)
         return _describe(model, stem, units, head, [tuple(o.shape[1:]) for o in outs])
     finally:
         model.train(was_training)
@@ -433,7 +489,7 @@ def check_view(view: AnchorView, input_size: tuple[int, int, int] | None = None)
     model.eval()
     try:
         x = torch.randn(2, *(input_size or _input_size(model)), generator=torch.Generator().manual_seed(0))
-        y, _ = _run(view.stem, view.blocks, x)
+        y, _ = _run(model, view.stem, view.blocks, x)
         y, ref = view.head(y), model(x)
         _check_output(model, y, ref)
         return (y - ref).abs().max().item()
@@ -443,35 +499,27 @@ def check_view(view: AnchorView, input_size: tuple[int, int, int] | None = None)
 
 def _describe(model: nn.Module, stem: nn.Module, units: list[nn.Module], head: nn.Module,
               shapes: list[tuple[int, ...]]) -> dict[str, Any]:
-    """View fields from the units' output shapes: layout (the most common; ties go to the last
-    unit's), prefix tokens, stages. A unit of another layout joins the next unit (or the head)."""
+    """View fields from the output shapes at every point (stem, then each unit): each point's
+    layout and prefix tokens, stages (a new stage wherever the grid or the prefix-token count
+    changes, so a vector stage never shares a stage with maps), ``layout`` the most common one."""
     prefix_attr = getattr(model, "num_prefix_tokens", None)
     prefix_attr = prefix_attr if isinstance(prefix_attr, int) else None
     try:
-        layouts = [_layout(s, prefix_attr) for s in shapes]
+        points = [_layout(s, prefix_attr) for s in shapes]
     except ValueError as err:
         raise SplitError(model, str(err)) from None
-    counts = Counter(layouts)
-    layout, prefix = max(reversed(layouts), key=lambda lp: counts[lp])
-    merged: list[nn.Module] = []
-    merged_shapes: list[tuple[int, ...]] = []
-    pending: list[nn.Module] = []
-    for unit, shape, lp in zip(units, shapes, layouts):
-        pending.append(unit)
-        if lp == (layout, prefix):
-            merged.append(pending[0] if len(pending) == 1 else nn.Sequential(*pending))
-            merged_shapes.append(shape)
-            pending = []
-    if pending:
-        head = nn.Sequential(*pending, head)
-    grids = [_grid(s, layout, prefix) for s in merged_shapes]
+    blocks = points[1:]
+    counts = Counter(blocks)
+    layout, prefix = max(reversed(blocks), key=lambda lp: counts[lp])
+    keys = [(_grid(s, lay, p), p) for s, (lay, p) in zip(shapes[1:], blocks)]
     stages = [0]
-    for prev, cur in zip(grids, grids[1:]):
+    for prev, cur in zip(keys, keys[1:]):
         stages.append(stages[-1] + (cur != prev))
     n_stages = stages[-1] + 1
-    isotropic = n_stages == 1 and len(set(merged_shapes)) == 1
+    isotropic = n_stages == 1 and len(set(shapes[1:])) == 1 and len(set(blocks)) == 1
     return dict(
-        stem=stem, blocks=merged, head=head, head_modules=[head], block_stages=stages, layout=layout,
+        stem=stem, blocks=list(units), head=head, head_modules=[head], block_stages=stages, layout=layout,
         stitch_stages=(0,) if n_stages == 1 else tuple(range(n_stages - 1)), isotropic=isotropic,
         num_prefix_tokens=prefix if layout == "tokens" else 0,
+        point_layouts=[lay for lay, _ in points], point_prefix_tokens=[p for _, p in points],
     )
