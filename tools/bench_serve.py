@@ -7,7 +7,7 @@ choosing). Per step: throughput, p50/p95 of the server-side request time (what `
 targets) and of the client-side round trip, the share over the SLO, the stitch mix and its
 expected top-1 (the results file's accuracy of each stitch served, averaged over requests).
 
-    python tools/bench_serve.py --ckpt outputs/quickstart/logs/version_0/checkpoints/last.ckpt \\
+    python tools/bench_serve.py --ckpt outputs/quickstart/checkpoints/last.ckpt \\
         --results outputs/quickstart/fit_results.json --slo-ms 20
 
 A family whose forward, not HTTP, dominates a request (BENCHMARKS.md): the reference's ResNet-18/50

@@ -40,7 +40,7 @@ def subset(network: dict, anchors: list[int] | None) -> dict:
 
 
 def build(config: dict, two_way: bool, lora_rank: int, num_workers: int | None = None, freeze_anchors: bool = False,
-          anchors: list[int] | None = None) -> tuple[SNNetModule, L.LightningDataModule]:
+          anchors: list[int] | None = None, val_limit: int | None = None) -> tuple[SNNetModule, L.LightningDataModule]:
     init = config["model"]["init_args"]
     network = {**subset(init["network"], anchors), "two_way": two_way, "stitch_lora_rank": lora_rank}
     optim = {**init.get("optim", {}), **({"freeze_anchors": True} if freeze_anchors else {})}
@@ -48,14 +48,16 @@ def build(config: dict, two_way: bool, lora_rank: int, num_workers: int | None =
     module = SNNetModule(**{**init, "network": network, "optim": optim})
     module_name, cls = config["data"]["class_path"].rsplit(".", 1)
     data_cls = getattr(importlib.import_module(module_name), cls)
-    data_args = {**config["data"].get("init_args", {}), **({} if num_workers is None else {"num_workers": num_workers})}
+    data_args = {**config["data"].get("init_args", {}), **({} if num_workers is None else {"num_workers": num_workers}),
+                 **({} if val_limit is None else {"val_limit": val_limit})}
     data = data_cls(data_config=module.data_config, **data_args)
     return module, data
 
 
 def run_variant(config: dict, two_way: bool, lora_rank: int, steps: int, val_batches: int | float,
-                num_workers: int | None = None, freeze_anchors: bool = False, anchors: list[int] | None = None) -> dict:
-    module, data = build(config, two_way, lora_rank, num_workers, freeze_anchors, anchors)
+                num_workers: int | None = None, freeze_anchors: bool = False, anchors: list[int] | None = None,
+                val_limit: int | None = None) -> dict:
+    module, data = build(config, two_way, lora_rank, num_workers, freeze_anchors, anchors, val_limit)
     trainable = sum(p.numel() for p in module.net.stitch_layers.parameters() if p.requires_grad)
     start = time.perf_counter()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
@@ -79,7 +81,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"))
     parser.add_argument("--steps", type=int, default=250, help="training steps per variant (same for all)")
     parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--val-batches", type=float, default=1.0, help="Lightning limit_val_batches (int: batches)")
+    parser.add_argument("--val-batches", type=float, default=1.0, help="Lightning limit_val_batches (int: batches; the first "
+                        "batches of a class-sorted set such as CIFAR-10's are one class: use --val-limit there)")
+    parser.add_argument("--val-limit", type=int, help="score on a fixed random subset of this many validation images (classes mixed)")
     parser.add_argument("--variants", nargs="+", default=["sl", "two_way", "sl_lora", "two_way_lora"],
                         choices=["sl", "two_way", "sl_lora", "two_way_lora"])
     parser.add_argument("--num-workers", type=int, help="data loader workers (default: the config's)")
@@ -92,7 +96,7 @@ def main() -> None:
     rows = []
     for variant in args.variants:
         row = run_variant(config, variant.startswith("two_way"), args.lora_rank if variant.endswith("lora") else 0,
-                          args.steps, val_batches, args.num_workers, args.freeze_anchors, args.anchors)
+                          args.steps, val_batches, args.num_workers, args.freeze_anchors, args.anchors, args.val_limit)
         rows.append({"variant": variant, **row})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "results"}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
