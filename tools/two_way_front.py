@@ -21,8 +21,8 @@ import lightning as L
 import yaml
 
 from snnet.anchors import expand_path
-from snnet.module import SNNetModule
 from snnet.figures import front_figures
+from snnet.module import SNNetModule
 
 
 def subset(network: dict, anchors: list[int] | None) -> dict:
@@ -54,17 +54,17 @@ def build(config: dict, two_way: bool, lora_rank: int, num_workers: int | None =
     return module, data
 
 
-def run_variant(config: dict, two_way: bool, lora_rank: int, steps: int, val_batches: int | float,
+def run_variant(config: dict, two_way: bool, lora_rank: int, steps: int, val_batches: float,
                 num_workers: int | None = None, freeze_anchors: bool = False, anchors: list[int] | None = None,
-                val_limit: int | None = None) -> dict:
+                val_limit: int | None = None, accelerator: str = "cpu") -> dict:
     module, data = build(config, two_way, lora_rank, num_workers, freeze_anchors, anchors, val_limit)
     trainable = sum(p.numel() for p in module.net.stitch_layers.parameters() if p.requires_grad)
     start = time.perf_counter()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
     trainer.fit(module, data)
     train_s = time.perf_counter() - start
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
                         limit_val_batches=val_batches, enable_model_summary=False)
     trainer.validate(module, data, verbose=False)
     figures = front_figures(module.results)
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, help="data loader workers (default: the config's)")
     parser.add_argument("--freeze-anchors", action="store_true", help="anchor-preserving training in every variant (optim.freeze_anchors)")
     parser.add_argument("--anchors", type=int, nargs="+", help="indices of the config's anchors to use (default: all)")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu, auto)")
     parser.add_argument("--out", type=Path, default=Path("outputs/two_way_front.json"))
     args = parser.parse_args()
     config = yaml.safe_load(expand_path(args.config).read_text())
@@ -96,7 +97,8 @@ def main() -> None:
     rows = []
     for variant in args.variants:
         row = run_variant(config, variant.startswith("two_way"), args.lora_rank if variant.endswith("lora") else 0,
-                          args.steps, val_batches, args.num_workers, args.freeze_anchors, args.anchors, args.val_limit)
+                          args.steps, val_batches, args.num_workers, args.freeze_anchors, args.anchors, args.val_limit,
+                          args.accelerator)
         rows.append({"variant": variant, **row})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "results"}), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
