@@ -26,7 +26,7 @@ from snnet.figures import FrontFigures, front_figures, stitch_result
 from snnet.optim import decay_groups, warmup_cosine
 from snnet.profile import count_flops, unfused_attention
 from snnet.results import StitchResult
-from snnet.sampling import sample_stitch, sampling_weights
+from snnet.sampling import sample_stitch, sampling_weights, with_anchor_share
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ class OptimConfig:
     optimizer state and eval-mode BatchNorm, so they end bit-identical to the pretrained ones; only
     the stitching layers train and training steps draw stitches only (an anchor step would train nothing).
     ``min_lr`` is the cosine floor for ``lr``; every group's floor scales with its own lr.
+    ``bn_stats``: which training steps run the anchors' BatchNorm in train mode (batch statistics,
+    running statistics updated). ``all_steps`` (SN-Net as published); ``anchor_steps``: a stitch's
+    step runs them in eval mode, so the running statistics stay the anchor's own (a stitched input,
+    whose statistics differ, would otherwise overwrite them; the end anchor, shared by most stitches,
+    degrades most) and the stitch trains with the normalisation it is evaluated with.
     """
 
     name: Literal["adamw", "sgd"] = "adamw"
@@ -54,6 +59,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
     freeze_anchors: bool = False
+    bn_stats: Literal["all_steps", "anchor_steps"] = "all_steps"
+
+
+BN_STATS: tuple[str, ...] = ("all_steps", "anchor_steps")
 
 
 @dataclass
@@ -89,6 +98,13 @@ class StitchInitConfig:
     batch_size: int = 50
 
 
+def set_batchnorm_training(module: nn.Module, mode: bool) -> None:
+    """Put only the BatchNorm layers of ``module`` in train (``True``) or eval mode."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(mode)
+
+
 def _as_config(cls: type, value: Any) -> Any:
     """Config dataclasses may arrive as mappings (YAML, checkpoints' hparams)."""
     return value if isinstance(value, cls) else cls(**(value or {}))
@@ -106,6 +122,7 @@ class SNNetModule(L.LightningModule):
         stitch_init: StitchInitConfig = StitchInitConfig(),
         sampling: Literal["uniform", "flops"] = "uniform",
         sampling_groups: int = 10,
+        anchor_share: float | None = None,
         eval_stitches: Literal["all", "anchors"] | int = "all",
         seed: int = 0,
         compile: bool = False,
@@ -124,20 +141,22 @@ class SNNetModule(L.LightningModule):
         self.save_hyperparameters({
             "network": asdict(network), "optim": asdict(self.optim_cfg), "distill": asdict(self.distill_cfg),
             "loss": asdict(self.loss_cfg), "stitch_init": asdict(self.init_cfg), "sampling": sampling,
-            "sampling_groups": sampling_groups, "eval_stitches": eval_stitches, "seed": seed, "compile": compile,
+            "sampling_groups": sampling_groups, "anchor_share": anchor_share, "eval_stitches": eval_stitches, "seed": seed, "compile": compile,
             "compile_options": compile_options,
             # LightningCLI rebuilds the module from a checkpoint (--ckpt_path) by this class path; the predict
             # choice is left out on purpose: a deployment option, so the command line's wins over the checkpoint
             "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
         })
+        if self.optim_cfg.bn_stats not in BN_STATS:
+            raise ValueError(f"unknown optim.bn_stats {self.optim_cfg.bn_stats!r}; choose one of {BN_STATS}")
         self.net = build_network(network)
         self.infos = self.net.table()
         weights = sampling_weights([i.flops for i in self.infos], sampling, sampling_groups)
-        if self.optim_cfg.freeze_anchors:
+        if self.optim_cfg.freeze_anchors:  # an anchor step would train nothing
             self.net.anchors.requires_grad_(False)
-            if self.net.num_configs > self.net.num_anchors:
-                weights[: self.net.num_anchors] = 0.0
-                weights /= weights.sum()
+            anchor_share = 0.0
+        if anchor_share is not None:
+            weights = with_anchor_share(weights, self.net.num_anchors, anchor_share)
         self.register_buffer("sample_weights", weights, persistent=False)
         self.register_buffer("stitches_initialised", torch.tensor(False))
         # each anchor's top-1 before training, measured once at fit start and kept in the checkpoint
@@ -279,6 +298,8 @@ class SNNetModule(L.LightningModule):
         stitch = sample_stitch(self.sample_weights, self.seed, self.global_step)
         self.net.set_stitch(stitch)
         self.last_stitch = stitch
+        if self.optim_cfg.bn_stats == "anchor_steps" and not self.optim_cfg.freeze_anchors:
+            set_batchnorm_training(self.net.anchors, self.net.configs[stitch].is_anchor)
         target = y
         if self.mixup is not None:
             x, target = self.mixup(x, y)

@@ -54,13 +54,18 @@ def pretrain_anchors(
     epochs: int = 8,
     lr: float = 3e-3,
     seed: int = 0,
+    distortion: float = 0.0,
+    copies: int = 1,
 ) -> dict[str, float]:
-    """Pretrain each anchor on the digits and write ``<out_dir>/<name>.safetensors``; returns top-1 per anchor."""
+    """Pretrain each anchor on the digits and write ``<out_dir>/<name>.safetensors``; returns top-1 per anchor.
+
+    ``distortion`` / ``copies``: the :class:`DigitsDataModule` task to pretrain on (the fit config's).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_config = resolve_data_config(model=timm.create_model(names[0]))
     data_config["input_size"] = (3, image_size, image_size)
-    datamodule = DigitsDataModule(data_config=data_config, batch_size=64, num_workers=0)
+    datamodule = DigitsDataModule(data_config=data_config, batch_size=64, num_workers=0, distortion=distortion, copies=copies)
     accuracy = {}
     for name in names:
         start = time.perf_counter()

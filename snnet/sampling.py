@@ -33,6 +33,23 @@ def sampling_weights(flops: Sequence[int], strategy: Literal["uniform", "flops"]
     return 1.0 / (sizes[bins] * (sizes > 0).sum())
 
 
+def with_anchor_share(weights: Tensor, num_anchors: int, share: float) -> Tensor:
+    """``weights`` with the anchors (the first ``num_anchors`` configurations) drawn ``share`` of the
+    steps, equally, and the stitches the rest in their own proportions.
+
+    Why: uniform sampling gives each anchor one step in ``num_configs``; the stitches' steps then move
+    the anchors' shared blocks without the anchors' own loss holding them (their accuracy falls).
+    ``share`` 0 trains stitches only (frozen anchors). Unchanged when there are no stitches.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"anchor_share must be in [0, 1], got {share}")
+    if len(weights) <= num_anchors:
+        return weights
+    stitches = weights[num_anchors:]
+    return torch.cat([torch.full((num_anchors,), share / num_anchors, dtype=weights.dtype),
+                      stitches / stitches.sum() * (1.0 - share)])
+
+
 def sample_stitch(weights: Tensor, seed: int, step: int) -> int:
     """The configuration for training step ``step``: identical on every rank and after resume."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)

@@ -10,6 +10,7 @@ from snnet.module import SNNetModule
 CONFIGS = Path(__file__).parents[1] / "configs"
 EXPECTED_CONFIGS = {
     "quickstart.yaml": 9,
+    "quickstart_width.yaml": 11,
     "cifar10_resnet.yaml": 40,
     "deit_tiny_small_base.yaml": 71,
     "swin_tiny_small_base.yaml": 41,
@@ -55,7 +56,7 @@ def test_config_builds_with_random_weights_and_tiny_data(name, tiny_image_folder
     args = ["--config", str(CONFIGS / name), "--model.network.pretrained", "false",
             "--model.network.checkpoints", "[]", "--model.distill.pretrained", "false",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
-    if name != "quickstart.yaml":
+    if not name.startswith("quickstart"):
         args += ["--data", "snnet.data.ImageFolderDataModule", "--data.init_args.root", str(tiny_image_folder),
                  "--data.init_args.val_dir", "val"]
     built = cli(args)

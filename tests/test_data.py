@@ -1,8 +1,9 @@
 """DataModules: the offline digits, the shared CIFAR-10 JPEG folders, transforms from timm."""
 import pytest
 import torch
+from sklearn.datasets import load_digits
 
-from snnet.data import CIFAR10JPEGDataModule, DigitsDataModule, ImageFolderDataModule, TorchvisionCIFARDataModule
+from snnet.data import CIFAR10JPEGDataModule, DigitsDataModule, ImageFolderDataModule, TorchvisionCIFARDataModule, distort_digits
 
 
 def digits(**kw):
@@ -51,3 +52,30 @@ def test_cifar10_jpeg_folders(cifar10_root, cifar_data_config):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 3, 32, 32)
     assert dm.train_set.classes[:3] == ["airplane", "automobile", "bird"]
+
+
+def test_distorted_digits_are_fixed_views_on_their_side_of_the_split():
+    plain, distorted = digits(), digits(distortion=1.0, copies=3)
+    plain.setup()
+    distorted.setup()
+    assert (len(distorted.train_set), len(distorted.val_set)) == (3 * len(plain.train_set), 3 * len(plain.val_set))
+    n = len(plain.val_set)
+    assert all((distorted.val_set.labels[c * n:(c + 1) * n] == plain.val_set.labels).all() for c in range(3))
+    again = digits(distortion=1.0, copies=3)
+    again.setup()
+    assert (again.val_set.images == distorted.val_set.images).all()  # deterministic
+    assert not (distorted.val_set.images[:n] == distorted.val_set.images[n:2 * n]).all()  # the views differ
+    images = load_digits().images[:50]
+    resized = torch.nn.functional.interpolate(torch.tensor(images, dtype=torch.float32)[:, None] / 16, size=16, mode="bilinear")
+    expected = (resized[:, 0] * 255).round().to(torch.uint8).numpy()
+    assert (distort_digits(images, 0.0, 1, seed=0) == expected).all()  # strength 0: the digit, only resized
+    twice = digits(copies=2)
+    twice.setup()
+    assert (twice.train_set.images[: len(plain.train_set)] == plain.train_set.images).all()
+
+
+def test_bad_distortion_values_are_named():
+    with pytest.raises(ValueError, match="distortion must be in \\[0, 1\\], got 2"):
+        digits(distortion=2)
+    with pytest.raises(ValueError, match="copies must be >= 1, got 0"):
+        digits(copies=0)

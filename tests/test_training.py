@@ -61,3 +61,47 @@ def test_frozen_anchors_end_bit_identical_and_only_stitches_train(tmp_path, netw
         assert any(torch.count_nonzero(layer.lora_b) for layer in module.net.stitch_layers)
     assert not any(id(p) in {id(q) for q in module.net.anchors.parameters()}
                    for g in trainer.optimizers[0].param_groups for p in g["params"])
+
+
+class BatchNormSteps(L.Callback):
+    """Per training step: the configuration and which anchors' BatchNorm running statistics changed."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, set[int]]] = []
+
+    @staticmethod
+    def stats(module) -> list[list[torch.Tensor]]:
+        return [[b.clone() for n, b in anchor.named_buffers() if "running_" in n] for anchor in module.net.anchors]
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.before = self.stats(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        after = self.stats(module)
+        changed = {a for a, (b0, b1) in enumerate(zip(self.before, after)) if any(not torch.equal(x, y) for x, y in zip(b0, b1))}
+        self.steps.append((module.last_stitch, changed))
+
+
+@pytest.mark.parametrize("bn_stats", ["all_steps", "anchor_steps"])
+def test_bn_stats_anchor_steps_keeps_each_anchors_statistics_its_own(tmp_path, bn_stats):
+    """``anchor_steps``: a stitch's step leaves every anchor's running statistics as they were and an
+    anchor's step updates its own; ``all_steps`` (as published) lets a stitch's step overwrite them."""
+    module = tiny_module(optim=OptimConfig(lr=1e-3, warmup_steps=0, bn_stats=bn_stats), anchor_share=0.5)
+    record = BatchNormSteps()
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[record])
+    trainer.fit(module, tiny_data(module))
+    configs = module.net.configs
+    anchor_steps = [(s, changed) for s, changed in record.steps if configs[s].is_anchor]
+    stitch_steps = [(s, changed) for s, changed in record.steps if not configs[s].is_anchor]
+    assert anchor_steps and stitch_steps  # half the steps on the anchors
+    assert all(changed == {configs[s].anchors[0]} for s, changed in anchor_steps)
+    if bn_stats == "anchor_steps":
+        assert all(changed == set() for _, changed in stitch_steps)
+    else:
+        assert all(changed == set(configs[s].anchors) for s, changed in stitch_steps)
+
+
+def test_bad_bn_stats_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown optim.bn_stats 'never'; choose one of \('all_steps', 'anchor_steps'\)"):
+        tiny_module(optim=OptimConfig(bn_stats="never"))

@@ -11,5 +11,7 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distortion", type=float, default=0.0, help="DigitsDataModule distortion (0: plain digits)")
+    parser.add_argument("--copies", type=int, default=1, help="DigitsDataModule copies (distorted views per digit)")
     args = parser.parse_args()
-    pretrain_anchors(args.out_dir, args.anchors, args.image_size, args.epochs, args.lr, args.seed)
+    pretrain_anchors(args.out_dir, args.anchors, args.image_size, args.epochs, args.lr, args.seed, args.distortion, args.copies)
