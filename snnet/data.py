@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -366,8 +367,6 @@ def distort_digits(images: np.ndarray, strength: float, copies: int, seed: int, 
     45 degrees, scale 0.75-1.25, shift up to 1/8 of the image, Gaussian pixel noise of std 0.3.
     Returns ``(copies * len(images), size, size)``, copy-major; deterministic in ``seed``.
     """
-    import torch.nn.functional as F
-
     x = torch.from_numpy(images).to(torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).repeat(copies, 1, 1, 1)
     gen = torch.Generator().manual_seed(seed)
@@ -385,7 +384,7 @@ def distort_digits(images: np.ndarray, strength: float, copies: int, seed: int, 
 class DigitsDataModule(ImageDataModule):
     """The offline quickstart data: 1,797 digits, a fixed 80/20 split, upsampled by the transform.
 
-    ``distortion`` > 0 makes the harder task the quickstart family needs (:func:`distort_digits`):
+    ``distortion`` > 0 makes a harder task, where capacity shows (:func:`distort_digits`):
     ``copies`` fixed distorted views of every digit, train and validation alike (a digit's views stay
     on its side of the split).
     """

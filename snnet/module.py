@@ -153,6 +153,9 @@ class SNNetModule(L.LightningModule):
         self.infos = self.net.table()
         weights = sampling_weights([i.flops for i in self.infos], sampling, sampling_groups)
         if self.optim_cfg.freeze_anchors:  # an anchor step would train nothing
+            if anchor_share not in (None, 0.0):
+                raise ValueError(f"anchor_share {anchor_share} with optim.freeze_anchors: frozen anchors train on no step; "
+                                 "set anchor_share to null (or 0)")
             self.net.anchors.requires_grad_(False)
             anchor_share = 0.0
         if anchor_share is not None:

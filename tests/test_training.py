@@ -105,3 +105,5 @@ def test_bn_stats_anchor_steps_keeps_each_anchors_statistics_its_own(tmp_path, b
 def test_bad_bn_stats_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown optim.bn_stats 'never'; choose one of \('all_steps', 'anchor_steps'\)"):
         tiny_module(optim=OptimConfig(bn_stats="never"))
+    with pytest.raises(ValueError, match=r"anchor_share 0.5 with optim.freeze_anchors: frozen anchors train on no step"):
+        tiny_module(optim=OptimConfig(freeze_anchors=True), anchor_share=0.5)
