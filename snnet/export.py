@@ -191,7 +191,8 @@ def extract_stitch(net: StitchableNetwork, stitch: int) -> StitchModule:
     """
     recipe = stitch_recipe(net, stitch)
     config = net.configs[recipe.id]
-    anchors = [trimmed_copy(net.anchors[a], part) for a, part in zip(dict.fromkeys(config.anchors), recipe.anchors)]
+    with net.path_statistics(stitch):  # the copies keep this path's own BatchNorm statistics
+        anchors = [trimmed_copy(net.anchors[a], part) for a, part in zip(dict.fromkeys(config.anchors), recipe.anchors)]
     used_layers = [h.layer for h in config.hops]
     layers = [copy.deepcopy(net.stitch_layers[l].merged()) for l in used_layers]  # LoRA merged: a plain affine map
     module = StitchModule(anchors, layers, recipe.steps, recipe.head_anchor)

@@ -98,6 +98,17 @@ class StitchInitConfig:
     batch_size: int = 50
 
 
+@dataclass
+class BatchNormCalibrationConfig:
+    """Per-path BatchNorm statistics (:mod:`snnet.batchnorm`), re-estimated before every validation
+    on ``images`` un-augmented training images, ``batch_size`` at a time, and kept in the checkpoint
+    for validate, serve and export. 0 turns it off: every path then evaluates with the layers' shared
+    running statistics, as SN-Net published. Families without BatchNorm (ViT, Swin) skip it."""
+
+    images: int = 1000
+    batch_size: int = 100
+
+
 def set_batchnorm_training(module: nn.Module, mode: bool) -> None:
     """Put only the BatchNorm layers of ``module`` in train (``True``) or eval mode."""
     for m in module.modules():
@@ -120,6 +131,7 @@ class SNNetModule(L.LightningModule):
         distill: DistillConfig = DistillConfig(),
         loss: LossConfig = LossConfig(),
         stitch_init: StitchInitConfig = StitchInitConfig(),
+        bn_calibration: BatchNormCalibrationConfig = BatchNormCalibrationConfig(),
         sampling: Literal["uniform", "flops"] = "uniform",
         sampling_groups: int = 10,
         anchor_share: float | None = None,
@@ -135,12 +147,15 @@ class SNNetModule(L.LightningModule):
         self.distill_cfg = _as_config(DistillConfig, distill)
         self.loss_cfg = _as_config(LossConfig, loss)
         self.init_cfg = _as_config(StitchInitConfig, stitch_init)
+        self.bn_cfg = _as_config(BatchNormCalibrationConfig, bn_calibration)
+        if self.bn_cfg.images < 0 or self.bn_cfg.batch_size < 1:
+            raise ValueError(f"bn_calibration needs images >= 0 (0: off) and batch_size >= 1, got {self.bn_cfg}")
         self.seed = seed
         self.predict_choice = _as_config(StitchChoice, predict)
         # plain mappings, so checkpoints load with weights_only=True
         self.save_hyperparameters({
             "network": asdict(network), "optim": asdict(self.optim_cfg), "distill": asdict(self.distill_cfg),
-            "loss": asdict(self.loss_cfg), "stitch_init": asdict(self.init_cfg), "sampling": sampling,
+            "loss": asdict(self.loss_cfg), "stitch_init": asdict(self.init_cfg), "bn_calibration": asdict(self.bn_cfg), "sampling": sampling,
             "sampling_groups": sampling_groups, "anchor_share": anchor_share, "eval_stitches": eval_stitches, "seed": seed, "compile": compile,
             "compile_options": compile_options,
             # LightningCLI rebuilds the module from a checkpoint (--ckpt_path) by this class path; the predict
@@ -178,6 +193,7 @@ class SNNetModule(L.LightningModule):
         self.results: list[StitchResult] = []
         self.figures: FrontFigures | None = None
         self.last_stitch: int | None = None
+        self._calibrated_at: int | None = None  # global step of the BatchNorm statistics in the bank
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -241,6 +257,35 @@ class SNNetModule(L.LightningModule):
                 torch.distributed.broadcast(p.data, src=0)
         self.stitches_initialised.fill_(True)
 
+    def calibrate_batchnorm(self) -> None:
+        """Every path's BatchNorm statistics on the calibration images (frozen anchors keep their own)."""
+        cfg = self.bn_cfg
+        if cfg.images == 0 or not self.net.has_batchnorm:
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "calibration_batch"):
+            raise RuntimeError("BatchNorm calibration needs a datamodule with calibration_batch(n); "
+                               "set model.bn_calibration.images to 0 to evaluate with the shared statistics")
+        images, _ = dm.calibration_batch(cfg.images)
+        self.net.calibrate_batchnorm(images.split(cfg.batch_size), anchors=not self.optim_cfg.freeze_anchors)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buffer in self.net.bn_bank.buffers():  # equal on every rank up to reduction order
+                torch.distributed.broadcast(buffer, src=0)
+
+    def calibrate_for_this_step(self) -> None:
+        """Calibrate once per training step that is validated or checkpointed: a pure function of the
+        weights, so every checkpoint holds the statistics of its own weights, whether or not a
+        validation ran before it was written, and a resumed run writes the same ones."""
+        if self._calibrated_at != self.global_step:
+            self.calibrate_batchnorm()
+            self._calibrated_at = self.global_step
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is None or self.trainer.state.fn != "fit" or self.trainer.sanity_checking:
+            return
+        self.calibrate_for_this_step()  # Lightning has collected the state already: refresh the bank's part
+        checkpoint["state_dict"].update(self.net.bn_bank.state_dict(prefix="net.bn_bank."))
+
     @torch.inference_mode()
     def measure_pretrained(self) -> None:
         """Top-1 of every anchor on the validation data before any training step, once per run,
@@ -281,10 +326,21 @@ class SNNetModule(L.LightningModule):
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":
             self.init_stitches()
+            if not any(self.net.bn_bank.ready):  # a checkpoint keeps the statistics it was validated with
+                self.calibrate_batchnorm()
+        elif not self.trainer.sanity_checking:
+            self.calibrate_for_this_step()
+
+    def on_test_start(self) -> None:
+        self.on_validation_start()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints written before the pretrained accuracies were kept: not measured
-        checkpoint.get("state_dict", {}).setdefault("pretrained_acc1", torch.full((self.net.num_anchors,), float("nan")))
+        state = checkpoint.get("state_dict", {})
+        state.setdefault("pretrained_acc1", torch.full((self.net.num_anchors,), float("nan")))
+        # ... and before per-path BatchNorm statistics: uncalibrated, so the shared ones
+        for name, buffer in self.net.bn_bank.state_dict(prefix="net.bn_bank.").items():
+            state.setdefault(name, torch.zeros_like(buffer) if buffer.dtype == torch.bool else buffer)
         if self.strict_loading:  # one line instead of load_state_dict's list of every key
             check_fits(self, checkpoint, self._trainer.ckpt_path if self._trainer is not None else None)
 

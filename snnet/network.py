@@ -1,14 +1,17 @@
 """The stitchable network: a family of anchors plus stitching layers, switchable at runtime."""
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from snnet.batchnorm import BatchNormBank, batchnorms
 from snnet.families import AnchorView, anchor_view
 from snnet.lstsq import AffineLstsq
 from snnet.profile import AnchorProfile, count_flops, num_params, profile_anchor
@@ -81,8 +84,17 @@ class StitchableNetwork(nn.Module):
         self.stitch_lora_rank = stitch_lora_rank
         self.configs, self.layer_specs = generate_stitch_configs(depths, kernel_size, stride, nearest, two_way)
         self.stitch_layers = nn.ModuleList([self._make_layer(spec) for spec in self.layer_specs])
-        self._paths = [self._resolve(c) for c in self.configs]
-        self._prefix_tree = _PrefixTree([self._path_keys(c) for c in self.configs], self._key_module)
+        keys = [self._path_keys(c) for c in self.configs]
+        self.bn_bank = BatchNormBank()
+        self._slots: dict[tuple, int] = {}  # path prefix -> BatchNorm statistics slot of its last step
+        self._steps: dict[tuple, Callable[[Tensor], Tensor]] = {}  # path prefix -> its last step
+        for path in keys:
+            for n in range(1, len(path) + 1):
+                if path[:n] not in self._steps:
+                    self._steps[path[:n]] = self._step(path[:n])
+        self.bn_bank.finish()
+        self._paths = [_Path(self._steps[p[:1]], [self._steps[p[:n]] for n in range(2, len(p))], self._steps[p]) for p in keys]
+        self._prefix_tree = _PrefixTree(keys, self._steps.__getitem__)
         self.stitch_id = 0
         self.infos = [self._info(c) for c in self.configs]
 
@@ -121,14 +133,6 @@ class StitchableNetwork(nn.Module):
         segments.append((last, start, len(self.views[last].blocks), None))
         return segments
 
-    def _resolve(self, config: StitchConfig) -> _Path:
-        modules: list[Callable[[Tensor], Tensor]] = []
-        for anchor, start, stop, layer in self._segments(config):
-            modules.extend(self.views[anchor].blocks[start:stop])
-            if layer is not None:
-                modules.append(self.stitch_layers[layer])
-        return _Path(self.views[config.anchors[0]].stem, modules, self.views[config.anchors[-1]].head)
-
     def _path_keys(self, config: StitchConfig) -> tuple[tuple, ...]:
         """The path as hashable steps, so paths that share a prefix share its computation."""
         keys: list[tuple] = [("stem", config.anchors[0])]
@@ -148,6 +152,27 @@ class StitchableNetwork(nn.Module):
         if kind == "layer":
             return self.stitch_layers[index]
         return self.views[index].head
+
+    def _key_batchnorms(self, key: tuple) -> list[nn.Module]:
+        kind, index = key[0], key[1]
+        if kind == "layer":
+            return []
+        view = self.views[index]
+        if kind == "block":
+            return batchnorms([view.blocks[key[2]]])
+        if kind == "head":
+            return batchnorms(view.head_modules)
+        return batchnorms([view.model], exclude=[*view.blocks, *view.head_modules])  # the stem: the rest
+
+    def _step(self, prefix: tuple) -> Callable[[Tensor], Tensor]:
+        """The last step of ``prefix`` as a callable; one with BatchNorm layers gets a slot of
+        statistics of its own (the prefix decides its input, so paths sharing it share the slot)."""
+        fn = self._key_module(prefix[-1])
+        layers = self._key_batchnorms(prefix[-1])
+        if not layers:
+            return fn
+        slot = self._slots[prefix] = self.bn_bank.add(layers)
+        return functools.partial(self.bn_bank.run, slot, fn)
 
     @torch.no_grad()
     def _info(self, config: StitchConfig) -> StitchInfo:
@@ -284,6 +309,53 @@ class StitchableNetwork(nn.Module):
         log.info("least-squares initialised %d stitching layers on %d images", len(self.layer_specs), images)
         return images
 
+    @property
+    def has_batchnorm(self) -> bool:
+        return self.bn_bank.num_slots > 0
+
+    @torch.no_grad()
+    def calibrate_batchnorm(self, batches: Iterable[Tensor], anchors: bool = True) -> int:
+        """Re-estimate the BatchNorm statistics of every configuration's path on the images in
+        ``batches`` (un-augmented training images), kept per path in ``bn_bank``; returns the number
+        of images used (0 for a family without BatchNorm, whose batches are not read).
+
+        ``anchors=False`` leaves the anchors' own paths (every step before a stitching layer) on the
+        layers' running statistics: frozen anchors must evaluate exactly as pretrained. Equal-sized
+        batches give each one the same weight; the layers' own buffers are not written.
+        """
+        slots = [s for prefix, s in self._slots.items() if anchors or any(key[0] == "layer" for key in prefix)]
+        if not slots:
+            return 0
+        device = next(self.parameters()).device
+        ids = list(range(self.num_configs))
+        was_training = self.training
+        self.eval()
+        images = 0
+        try:
+            with self.bn_bank.calibration(slots) as next_batch:
+                for t, x in enumerate(batches):
+                    next_batch(t)
+                    self._prefix_tree.run(x.to(device), ids)
+                    images += x.shape[0]
+                if images == 0:
+                    raise ValueError("BatchNorm calibration received no images")
+        finally:
+            self.train(was_training)
+        log.info("calibrated the BatchNorm statistics of %d path steps on %d images", len(slots), images)
+        return images
+
+    @contextmanager
+    def path_statistics(self, stitch: int) -> Iterator[None]:
+        """Inside the block, the BatchNorm layers on ``stitch``'s path hold its calibrated statistics
+        as their own buffers (for export: a copy made here normalises as the path does)."""
+        keys = self._prefix_tree.paths[self._check_id(stitch)]
+        slots = [self._slots[keys[:n]] for n in range(1, len(keys) + 1) if keys[:n] in self._slots]
+        with ExitStack() as stack:
+            for slot in slots:
+                if self.bn_bank.ready[slot]:
+                    stack.enter_context(self.bn_bank.swapped(slot))
+            yield
+
     def path_parameters(self, stitch: int) -> list[nn.Parameter]:
         """The parameters configuration ``stitch`` uses (first anchor's stem, blocks, stitching
         layers, last anchor's head), each once: what training that sub-network alone would update."""
@@ -312,7 +384,9 @@ class StitchableNetwork(nn.Module):
 
 class _PrefixTree:
     """A trie of configuration paths; evaluating a set of paths walks it depth first, holding one
-    activation per tree level (memory grows with depth, not with the number of paths)."""
+    activation per tree level (memory grows with depth, not with the number of paths).
+    ``module_of(prefix)`` is the step that ends ``prefix`` (a step's BatchNorm statistics depend on
+    the whole path before it)."""
 
     def __init__(self, paths: list[tuple[tuple, ...]], module_of: Callable[[tuple], Callable[[Tensor], Tensor]]) -> None:
         self.paths = paths
@@ -326,7 +400,7 @@ class _PrefixTree:
                 node = node.setdefault(key, {})
             node.setdefault(None, []).append(i)
         out: dict[int, Tensor] = {}
-        self._walk(root, x, out)
+        self._walk(root, x, out, ())
         return out
 
     def run_rows(self, x: Tensor, ids: Sequence[int]) -> Tensor:
@@ -338,16 +412,16 @@ class _PrefixTree:
                 rows, children = children.setdefault(key, ([], {}))
                 rows.append(row)
         out: list[Tensor] = []
-        self._walk_rows(root, x, list(range(len(ids))), out, len(ids))
+        self._walk_rows(root, x, list(range(len(ids))), out, len(ids), ())
         return out[0]
 
-    def _walk_rows(self, children: dict, h: Tensor, rows_h: list[int], out: list[Tensor], n: int) -> None:
+    def _walk_rows(self, children: dict, h: Tensor, rows_h: list[int], out: list[Tensor], n: int, prefix: tuple) -> None:
         position = {r: p for p, r in enumerate(rows_h)}
         for key, (rows, grandchildren) in children.items():
             part = h if len(rows) == len(rows_h) else h[torch.tensor([position[r] for r in rows], device=h.device)]
-            y = self.module_of(key)(part)
+            y = self.module_of((*prefix, key))(part)
             if grandchildren:
-                self._walk_rows(grandchildren, y, rows, out, n)
+                self._walk_rows(grandchildren, y, rows, out, n, (*prefix, key))
                 continue
             if not out:  # a path's last step (the head): scatter its rows into the batch output
                 out.append(y.new_empty((n, *y.shape[1:])))
@@ -358,12 +432,13 @@ class _PrefixTree:
         prefixes = {self.paths[i][:n] for i in ids for n in range(1, len(self.paths[i]) + 1)}
         return [prefix[-1] for prefix in prefixes]
 
-    def _walk(self, node: dict, h: Tensor, out: dict[int, Tensor]) -> None:
+    def _walk(self, node: dict, h: Tensor, out: dict[int, Tensor], prefix: tuple) -> None:
         for key, child in node.items():
             if key is None:
                 out.update(dict.fromkeys(child, h))
             else:
-                self._walk(child, self.module_of(key)(h), out)
+                step = (*prefix, key)
+                self._walk(child, self.module_of(step)(h), out, step)
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -446,7 +446,10 @@ class Composition(nn.Module):
         self.candidates, self.stats, self.head, self.num_classes = candidates, stats, head, num_classes
         self.owned = nn.ModuleList(owned)
         self._steps = steps
-        self._tree = _PrefixTree([c.keys for c in candidates], self._steps.__getitem__)
+        self._tree = _PrefixTree([c.keys for c in candidates], self._step_ending)
+
+    def _step_ending(self, prefix: tuple) -> Callable[[Tensor], Tensor]:
+        return self._steps[prefix[-1]]  # a fragment runs the same whatever came before it
 
     def forward(self, x: Tensor, candidate: int = 0) -> Tensor:
         for key in self.candidates[candidate].keys:
