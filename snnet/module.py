@@ -284,7 +284,12 @@ class SNNetModule(L.LightningModule):
         if self._trainer is None or self.trainer.state.fn != "fit" or self.trainer.sanity_checking:
             return
         self.calibrate_for_this_step()  # Lightning has collected the state already: refresh the bank's part
-        checkpoint["state_dict"].update(self.net.bn_bank.state_dict(prefix="net.bn_bank."))
+        checkpoint["state_dict"].update(self._bank_state())
+
+    def _bank_state(self) -> dict[str, Tensor]:
+        """The bank's entries of this module's state dict (under every name the network has: the
+        uncompiled ``forward_fn`` is the network itself)."""
+        return {k: v for k, v in self.state_dict().items() if ".bn_bank." in k}
 
     @torch.inference_mode()
     def measure_pretrained(self) -> None:
@@ -339,7 +344,7 @@ class SNNetModule(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         state.setdefault("pretrained_acc1", torch.full((self.net.num_anchors,), float("nan")))
         # ... and before per-path BatchNorm statistics: uncalibrated, so the shared ones
-        for name, buffer in self.net.bn_bank.state_dict(prefix="net.bn_bank.").items():
+        for name, buffer in self._bank_state().items():
             state.setdefault(name, torch.zeros_like(buffer) if buffer.dtype == torch.bool else buffer)
         if self.strict_loading:  # one line instead of load_state_dict's list of every key
             check_fits(self, checkpoint, self._trainer.ckpt_path if self._trainer is not None else None)

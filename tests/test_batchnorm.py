@@ -153,7 +153,7 @@ def test_fit_calibrates_and_validate_of_its_checkpoint_reproduces_its_accuracies
 
 def test_checkpoints_from_before_the_bank_load_uncalibrated():
     module = tiny_module()
-    state = {k: v for k, v in module.state_dict().items() if not k.startswith("net.bn_bank.")}
+    state = {k: v for k, v in module.state_dict().items() if ".bn_bank." not in k}
     checkpoint = {"state_dict": state}
     module.strict_loading = False
     module.on_load_checkpoint(checkpoint)

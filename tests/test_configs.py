@@ -9,8 +9,7 @@ from snnet.module import SNNetModule
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 EXPECTED_CONFIGS = {
-    "quickstart.yaml": 9,
-    "quickstart_width.yaml": 11,
+    "quickstart.yaml": 11,
     "cifar10_resnet.yaml": 40,
     "deit_tiny_small_base.yaml": 71,
     "swin_tiny_small_base.yaml": 41,
