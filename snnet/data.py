@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from snnet.anchors import expand_path
-from snnet.determinism import SAMPLE, SeededSamples, derive_seed
+from snnet.determinism import CALIBRATION, SAMPLE, SeededSamples, derive_seed, global_rngs_kept
 
 TRAIN_TRANSFORMS: tuple[str, ...] = ("timm", "cifar", "eval")
 DATA_ENV = "SNNET_DATA_DIR"
@@ -201,14 +201,21 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = _subset(val, self.val_limit, self.seed)
         self.class_names = _class_names(train, self.classes)
 
-    def calibration_batch(self, n: int) -> tuple[Tensor, Tensor]:
-        """``n`` un-augmented training images (a fixed random draw) for least-squares init."""
+    def calibration_batch(self, n: int, augmented: bool = False) -> tuple[Tensor, Tensor]:
+        """``n`` training images (a fixed random draw), un-augmented (least-squares init) or, with
+        ``augmented``, through the training transform with each image's augmentation fixed by (seed,
+        its position): the same images on every call, and no draw left on the global generators."""
         if n < 1:
-            raise ValueError(f"the least-squares init needs at least 1 image, got {n}")
-        _, eval_tf = self.transforms()
-        train, _ = self._datasets(eval_tf, eval_tf)
+            raise ValueError(f"calibration needs at least 1 image, got {n}")
+        train_tf, eval_tf = self.transforms()
+        train, _ = self._datasets(train_tf if augmented else eval_tf, eval_tf)
         subset = _subset(train, n, self.seed + 1)
-        xs, ys = zip(*(subset[i] for i in range(len(subset))))
+        if not augmented:
+            xs, ys = zip(*(subset[i] for i in range(len(subset))))
+            return torch.stack(xs), torch.as_tensor(ys)
+        samples = SeededSamples(subset)
+        with global_rngs_kept():
+            xs, ys = zip(*(samples[i, derive_seed(self.seed, CALIBRATION, i)] for i in range(len(subset))))
         return torch.stack(xs), torch.as_tensor(ys)
 
     # --- resuming: the same data order and augmentation from the next unseen batch ------------

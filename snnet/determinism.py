@@ -11,14 +11,15 @@ whichever worker process loads it), the data order from ``(seed, epoch)``.
 from __future__ import annotations
 
 import random
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 # streams: distinct keys for independent uses of one user seed
-STEP, SAMPLE, ORDER = 0, 1, 2
+STEP, SAMPLE, ORDER, CALIBRATION = 0, 1, 2, 3
 
 
 def derive_seed(*key: int) -> int:
@@ -32,6 +33,19 @@ def seed_global_rngs(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+@contextmanager
+def global_rngs_kept() -> Iterator[None]:
+    """Whatever the block draws from torch's (CPU), numpy's and Python's global generators, they are
+    as before after it: for work that must leave no trace on a run's randomness."""
+    states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
 
 
 class SeededSamples(Dataset):

@@ -101,12 +101,16 @@ class StitchInitConfig:
 @dataclass
 class BatchNormCalibrationConfig:
     """Per-path BatchNorm statistics (:mod:`snnet.batchnorm`), re-estimated before every validation
-    on ``images`` un-augmented training images, ``batch_size`` at a time, and kept in the checkpoint
+    on ``images`` training images, ``batch_size`` at a time, and kept in the checkpoint
     for validate, serve and export. 0 turns it off: every path then evaluates with the layers' shared
-    running statistics, as SN-Net published. Families without BatchNorm (ViT, Swin) skip it."""
+    running statistics, as SN-Net published. Families without BatchNorm (ViT, Swin) skip it.
+    ``augmented``: the images go through the training transform (fixed per image), as the
+    statistics training normalised with were of augmented batches (``update_bn`` over the training
+    loader does the same); ``false``: the evaluation transform."""
 
     images: int = 1000
     batch_size: int = 100
+    augmented: bool = True
 
 
 def set_batchnorm_training(module: nn.Module, mode: bool) -> None:
@@ -266,7 +270,7 @@ class SNNetModule(L.LightningModule):
         if dm is None or not hasattr(dm, "calibration_batch"):
             raise RuntimeError("BatchNorm calibration needs a datamodule with calibration_batch(n); "
                                "set model.bn_calibration.images to 0 to evaluate with the shared statistics")
-        images, _ = dm.calibration_batch(cfg.images)
+        images, _ = dm.calibration_batch(cfg.images, augmented=cfg.augmented)
         self.net.calibrate_batchnorm(images.split(cfg.batch_size), anchors=not self.optim_cfg.freeze_anchors)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for buffer in self.net.bn_bank.buffers():  # equal on every rank up to reduction order

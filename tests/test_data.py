@@ -1,4 +1,7 @@
 """DataModules: the offline digits, the shared CIFAR-10 JPEG folders, transforms from timm."""
+import random
+
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -28,6 +31,18 @@ def test_calibration_batch_is_deterministic_unaugmented_and_mixed():
     x2, y2 = dm.calibration_batch(40)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert len(y1.unique()) >= 5
+
+
+def test_augmented_calibration_batch_is_fixed_augmented_and_leaves_the_global_generators_alone():
+    dm = digits(train_transform="timm")
+    plain, labels = dm.calibration_batch(40)
+    states = torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    x1, y1 = dm.calibration_batch(40, augmented=True)
+    assert torch.equal(states[0], torch.random.get_rng_state())
+    assert np.array_equal(states[1], np.random.get_state()[1]) and states[2] == random.getstate()
+    x2, y2 = dm.calibration_batch(40, augmented=True)
+    assert torch.equal(x1, x2) and torch.equal(y1, labels) and torch.equal(y2, labels)  # the same images
+    assert not torch.equal(x1, plain)  # through the training transform
 
 
 def test_limits_and_bad_values():
