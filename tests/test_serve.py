@@ -243,7 +243,8 @@ def test_refused_starts_name_the_file(quickstart, tmp_path, capsys):
         (["--ckpt", str(ckpt), "--results", str(tmp_path / "missing.json")], f"results file not found: {tmp_path / 'missing.json'}"),
         (["--ckpt", str(ckpt), "--results", str(bad_json)], f"results file {bad_json}: not valid JSON"),
         (["--ckpt", str(ckpt), "--results", str(other)], f"results file {other} does not describe checkpoint"),
-        (["--ckpt", str(ckpt), "--results", str(results), "--policy", "fixed", "--stitch", "99"], "stitch id 99 out of range: valid ids are 0..8"),
+        (["--ckpt", str(ckpt), "--results", str(results), "--policy", "fixed", "--stitch", "99"],
+         f"stitch id 99 out of range: valid ids are 0..{len(json.loads(results.read_text())['stitches']) - 1}"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
