@@ -4,7 +4,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from snnet.anchors import NetworkConfig
+from snnet.anchors import NetworkConfig, build_network
 from snnet.data import DigitsDataModule
 from snnet.module import DistillConfig, OptimConfig, SNNetModule, StitchInitConfig
 
@@ -58,3 +58,18 @@ def assert_path_parameters_are_what_a_step_updates(net, x) -> None:
         assert {id(p) for p in params} == with_grad, stitch
         assert sum(p.numel() for p in params) == net.infos[stitch].params
     net.zero_grad(set_to_none=True)
+
+
+def perturbed_network(config: NetworkConfig, layer_std: float = 0.1, mean_std: float = 0.1, var_range=(0.5, 1.5)):
+    """The network of ``config`` (seed 0, eval mode) with random stitching layers and BatchNorm running
+    statistics that are not the data's, so that tests see the statistics a path uses."""
+    torch.manual_seed(0)
+    net = build_network(config).eval()
+    with torch.no_grad():
+        for p in net.stitch_layers.parameters():
+            p.normal_(0, layer_std)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, mean_std)
+                m.running_var.uniform_(*var_range)
+    return net

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from helpers import tiny_data, tiny_module
+from helpers import perturbed_network, tiny_data, tiny_module
 from snnet.anchors import NetworkConfig, build_network
 from snnet.export import export_stitch, extract_stitch, load_stitch
 
@@ -14,17 +14,8 @@ CIFAR = NetworkConfig(anchors=["cifar_resnet8", "cifar_resnet14"], pretrained=Fa
 
 
 def perturbed(config: NetworkConfig = CIFAR):
-    """Random stitching layers and anchors whose running statistics are not the calibration data's."""
-    torch.manual_seed(0)
-    net = build_network(config).eval()
-    with torch.no_grad():
-        for p in net.stitch_layers.parameters():
-            p.normal_(0, 0.3)
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.2, 3.0)
-    return net
+    """Random stitching layers and anchors whose running statistics are far from the calibration data's."""
+    return perturbed_network(config, layer_std=0.3, mean_std=0.5, var_range=(0.2, 3.0))
 
 
 def calibration_images() -> list[torch.Tensor]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import tiny_data, tiny_module
-from snnet.anchors import NetworkConfig, build_network
+from helpers import perturbed_network, tiny_data, tiny_module
+from snnet.anchors import NetworkConfig
 from snnet.cli import main
 from snnet.evaluate import evaluate_stitches
 from snnet.export import export_stitch, extract_stitch, load_program, load_recipe, load_stitch
@@ -19,27 +19,14 @@ VIT = NetworkConfig(anchors=["deit_tiny_patch16_224", "deit_small_patch16_224"],
                     model_kwargs={"img_size": 32, "depth": 3, "num_classes": 10})
 
 
-def built(config):
-    torch.manual_seed(0)
-    net = build_network(config).eval()
-    with torch.no_grad():  # random stitching layers, and non-trivial BatchNorm statistics
-        for p in net.stitch_layers.parameters():
-            p.normal_(0, 0.1)
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return net
-
-
 @pytest.fixture(scope="module")
 def cifar_net():
-    return built(CIFAR)
+    return perturbed_network(CIFAR)
 
 
 @pytest.fixture(scope="module")
 def vit_net():
-    return built(VIT)
+    return perturbed_network(VIT)
 
 
 def weight_names(path):
@@ -120,7 +107,7 @@ TORCHVISION = NetworkConfig(
 
 
 def test_export_of_per_anchor_spec_anchors_rebuilds_them_and_old_recipes_still_load(cifar_net, tmp_path):
-    net = built(TORCHVISION)
+    net = perturbed_network(TORCHVISION)
     assert [len(v.blocks) for v in net.views] == [4, 16]
     stitch = next(i for i in net.infos if not i.is_anchor)
     export_stitch(net, stitch.id, tmp_path / "tv")  # no model_kwargs: the specs carry each anchor's own
