@@ -9,8 +9,8 @@ US-Nets, Yu & Huang 2019, answer the same problem for weight-shared widths).
 
 A :class:`BatchNormBank` holds, for every *slot* (a step of a path: stem, block or head, identified by
 the path prefix that leads to it, so paths sharing a prefix share its statistics), running mean and
-variance of that step's BatchNorm layers. ``calibrate`` re-estimates them on un-augmented training
-images with training-mode (batch-statistics) normalisation, as ``torch.optim.swa_utils.update_bn``
+variance of that step's BatchNorm layers. Calibration re-estimates them on training images with
+training-mode (batch-statistics) normalisation, as ``torch.optim.swa_utils.update_bn``
 does for one model; afterwards a step whose BatchNorm layers are in eval mode runs with its slot's
 statistics swapped in. The layers' own buffers are never written, so training is unaffected.
 """

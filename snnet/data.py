@@ -210,12 +210,11 @@ class ImageDataModule(L.LightningDataModule):
         train_tf, eval_tf = self.transforms()
         train, _ = self._datasets(train_tf if augmented else eval_tf, eval_tf)
         subset = _subset(train, n, self.seed + 1)
-        if not augmented:
-            xs, ys = zip(*(subset[i] for i in range(len(subset))))
-            return torch.stack(xs), torch.as_tensor(ys)
-        samples = SeededSamples(subset)
+        samples, keys = subset, list(range(len(subset)))
+        if augmented:  # each image's augmentation seeded by its position
+            samples, keys = SeededSamples(subset), [(i, derive_seed(self.seed, CALIBRATION, i)) for i in keys]
         with global_rngs_kept():
-            xs, ys = zip(*(samples[i, derive_seed(self.seed, CALIBRATION, i)] for i in range(len(subset))))
+            xs, ys = zip(*(samples[k] for k in keys))
         return torch.stack(xs), torch.as_tensor(ys)
 
     # --- resuming: the same data order and augmentation from the next unseen batch ------------

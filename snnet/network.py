@@ -87,14 +87,16 @@ class StitchableNetwork(nn.Module):
         keys = [self._path_keys(c) for c in self.configs]
         self.bn_bank = BatchNormBank()
         self._slots: dict[tuple, int] = {}  # path prefix -> BatchNorm statistics slot of its last step
-        self._steps: dict[tuple, Callable[[Tensor], Tensor]] = {}  # path prefix -> its last step
-        for path in keys:
-            for n in range(1, len(path) + 1):
-                if path[:n] not in self._steps:
-                    self._steps[path[:n]] = self._step(path[:n])
+        steps: dict[tuple, Callable[[Tensor], Tensor]] = {}  # path prefix -> its last step, made once
+
+        def step_of(prefix: tuple) -> Callable[[Tensor], Tensor]:
+            if prefix not in steps:
+                steps[prefix] = self._step(prefix)
+            return steps[prefix]
+
+        self._prefix_tree = _PrefixTree(keys, step_of)
         self.bn_bank.finish()
-        self._paths = [_Path(self._steps[p[:1]], [self._steps[p[:n]] for n in range(2, len(p))], self._steps[p]) for p in keys]
-        self._prefix_tree = _PrefixTree(keys, self._steps.__getitem__)
+        self._paths = [_Path(fns[0], fns[1:-1], fns[-1]) for fns in self._prefix_tree.path_steps]
         self.stitch_id = 0
         self.infos = [self._info(c) for c in self.configs]
 
@@ -316,7 +318,7 @@ class StitchableNetwork(nn.Module):
     @torch.no_grad()
     def calibrate_batchnorm(self, batches: Iterable[Tensor], anchors: bool = True) -> int:
         """Re-estimate the BatchNorm statistics of every configuration's path on the images in
-        ``batches`` (un-augmented training images), kept per path in ``bn_bank``; returns the number
+        ``batches`` (training images; ``SNNetModule`` passes augmented ones), kept per path in ``bn_bank``; returns the number
         of images used (0 for a family without BatchNorm, whose batches are not read).
 
         ``anchors=False`` leaves the anchors' own paths (every step before a stitching layer) on the
@@ -385,22 +387,22 @@ class StitchableNetwork(nn.Module):
 class _PrefixTree:
     """A trie of configuration paths; evaluating a set of paths walks it depth first, holding one
     activation per tree level (memory grows with depth, not with the number of paths).
-    ``module_of(prefix)`` is the step that ends ``prefix`` (a step's BatchNorm statistics depend on
-    the whole path before it)."""
+    ``step_of(prefix)`` is the step that ends ``prefix`` (a step's BatchNorm statistics depend on
+    the whole path before it), resolved once per path position here, not per call."""
 
-    def __init__(self, paths: list[tuple[tuple, ...]], module_of: Callable[[tuple], Callable[[Tensor], Tensor]]) -> None:
+    def __init__(self, paths: list[tuple[tuple, ...]], step_of: Callable[[tuple], Callable[[Tensor], Tensor]]) -> None:
         self.paths = paths
-        self.module_of = module_of
+        self.path_steps = [[step_of(path[:n]) for n in range(1, len(path) + 1)] for path in paths]
 
     def run(self, x: Tensor, ids: Sequence[int]) -> dict[int, Tensor]:
         root: dict = {}
         for i in ids:
             node = root
-            for key in self.paths[i]:
-                node = node.setdefault(key, {})
+            for key, step in zip(self.paths[i], self.path_steps[i]):
+                node = node.setdefault(key, (step, {}))[1]
             node.setdefault(None, []).append(i)
         out: dict[int, Tensor] = {}
-        self._walk(root, x, out, ())
+        self._walk(root, x, out)
         return out
 
     def run_rows(self, x: Tensor, ids: Sequence[int]) -> Tensor:
@@ -408,20 +410,20 @@ class _PrefixTree:
         root: dict = {}
         for row, i in enumerate(ids):
             children = root
-            for key in self.paths[i]:
-                rows, children = children.setdefault(key, ([], {}))
+            for key, step in zip(self.paths[i], self.path_steps[i]):
+                _, rows, children = children.setdefault(key, (step, [], {}))
                 rows.append(row)
         out: list[Tensor] = []
-        self._walk_rows(root, x, list(range(len(ids))), out, len(ids), ())
+        self._walk_rows(root, x, list(range(len(ids))), out, len(ids))
         return out[0]
 
-    def _walk_rows(self, children: dict, h: Tensor, rows_h: list[int], out: list[Tensor], n: int, prefix: tuple) -> None:
+    def _walk_rows(self, children: dict, h: Tensor, rows_h: list[int], out: list[Tensor], n: int) -> None:
         position = {r: p for p, r in enumerate(rows_h)}
-        for key, (rows, grandchildren) in children.items():
+        for step, rows, grandchildren in children.values():
             part = h if len(rows) == len(rows_h) else h[torch.tensor([position[r] for r in rows], device=h.device)]
-            y = self.module_of((*prefix, key))(part)
+            y = step(part)
             if grandchildren:
-                self._walk_rows(grandchildren, y, rows, out, n, (*prefix, key))
+                self._walk_rows(grandchildren, y, rows, out, n)
                 continue
             if not out:  # a path's last step (the head): scatter its rows into the batch output
                 out.append(y.new_empty((n, *y.shape[1:])))
@@ -432,13 +434,13 @@ class _PrefixTree:
         prefixes = {self.paths[i][:n] for i in ids for n in range(1, len(self.paths[i]) + 1)}
         return [prefix[-1] for prefix in prefixes]
 
-    def _walk(self, node: dict, h: Tensor, out: dict[int, Tensor], prefix: tuple) -> None:
-        for key, child in node.items():
+    def _walk(self, node: dict, h: Tensor, out: dict[int, Tensor]) -> None:
+        for key, entry in node.items():
             if key is None:
-                out.update(dict.fromkeys(child, h))
+                out.update(dict.fromkeys(entry, h))
             else:
-                step = (*prefix, key)
-                self._walk(child, self.module_of(step)(h), out, step)
+                step, child = entry
+                self._walk(child, step(h), out)
 
 
 def _unique(names: list[str]) -> list[str]:
