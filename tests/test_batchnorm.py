@@ -171,3 +171,9 @@ def test_every_checkpoint_holds_the_statistics_of_its_own_weights(tmp_path):
         assert saved["calibrated"].all(), path.name
         restored.net.calibrate_batchnorm(images.split(16))
         assert all(torch.equal(v, restored.net.bn_bank.state_dict()[k]) for k, v in saved.items()), path.name
+
+
+@pytest.mark.parametrize("bad", [{"images": -1}, {"batch_size": 0}])
+def test_bad_calibration_settings_name_the_values(bad):
+    with pytest.raises(ValueError, match=r"bn_calibration needs images >= 0 \(0: off\) and batch_size >= 1, got .*" + f"{next(iter(bad))}={bad[next(iter(bad))]}"):
+        tiny_module(bn_calibration=bad)
