@@ -7,13 +7,13 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from snnet.figures import front_ids
+from snnet.front import front_ids
 from snnet.results import plot_pareto, print_table, save_results
 
 
 class StitchReport(L.Callback):
     """After ``validate``/``test`` and at the end of ``fit``: print every scored stitch (the front
-    marked) and the one-line summary of :mod:`snnet.figures`, write ``<out_dir>/<stage>_results.{json,csv}``
+    marked) and the one-line summary of :mod:`snnet.front`, write ``<out_dir>/<stage>_results.{json,csv}``
     (the JSON holds the figures) and ``<stage>_pareto.png``, and log them to W&B.
 
     ``out_dir`` defaults to the logger's directory (or the trainer's root dir).

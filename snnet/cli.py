@@ -29,7 +29,7 @@ class SNNetCLI(LightningCLI):
     """LightningCLI with the datamodule sized from the model's data config, atomic checkpoint
     writes, and checked ``--ckpt_path`` files.
 
-    The model is chosen by ``model.class_path`` in the config (``snnet.module.SNNetModule`` for
+    The model is chosen by ``model.class_path`` in the config (``snnet.sn_net.module.SNNetModule`` for
     SN-Net, other snnet modules for the other methods); each exposes ``data_config``.
     """
 

@@ -34,9 +34,9 @@ def network_section(path: Path) -> dict[str, Any]:
 
 
 def stitches_command(argv: Sequence[str]) -> None:
-    from snnet.anchors import NetworkConfig, build_network
-    from snnet.figures import stitch_result
+    from snnet.front import stitch_result
     from snnet.results import print_table, save_results
+    from snnet.sn_net.build import NetworkConfig, build_network
 
     parser = argparse.ArgumentParser(prog="snnet stitches", description="List every configuration with FLOPs and parameters, without training.")
     parser.add_argument("--config", type=Path, help="YAML fit config whose model network section to use")
@@ -106,7 +106,7 @@ def select_command(argv: Sequence[str]) -> None:
 
 
 def similarity_command(argv: Sequence[str]) -> None:
-    from snnet.similarity import parse_similarity, run_similarity
+    from snnet.general_stitching.similarity import parse_similarity, run_similarity
 
     try:
         config, data = parse_similarity(argv)  # parse errors exit 2 with usage; instantiation errors land below
@@ -118,11 +118,11 @@ def similarity_command(argv: Sequence[str]) -> None:
 
 
 def bench_latency_command(argv: Sequence[str]) -> None:
-    from snnet.anchors import NetworkConfig, build_network
-    from snnet.checkpoint import load_network
-    from snnet.choice import check_results_match
-    from snnet.latency import DTYPES, measure_latency, parse_dtype, with_latency
+    from snnet.deploy.latency import DTYPES, measure_latency, parse_dtype, with_latency
+    from snnet.deploy.load import load_network
     from snnet.results import load_figures, load_results, print_table, save_results
+    from snnet.sn_net.build import NetworkConfig, build_network
+    from snnet.sn_net.choice import check_results_match
 
     parser = argparse.ArgumentParser(
         prog="snnet bench latency",
@@ -178,9 +178,9 @@ def bench_command(argv: Sequence[str]) -> None:
 
 
 def export_command(argv: Sequence[str]) -> None:
-    from snnet.checkpoint import load_network
-    from snnet.choice import StitchChoice
-    from snnet.export import export_stitch
+    from snnet.deploy.export import export_stitch
+    from snnet.deploy.load import load_network
+    from snnet.sn_net.choice import StitchChoice
 
     parser = argparse.ArgumentParser(
         prog="snnet export",

@@ -22,7 +22,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from snnet.anchors import expand_path
-from snnet.determinism import CALIBRATION, SAMPLE, SeededSamples, derive_seed, global_rngs_kept
+from snnet.determinism import (
+    CALIBRATION,
+    SAMPLE,
+    SeededSamples,
+    derive_seed,
+    global_rngs_kept,
+)
 
 TRAIN_TRANSFORMS: tuple[str, ...] = ("timm", "cifar", "eval")
 DATA_ENV = "SNNET_DATA_DIR"
@@ -30,7 +36,7 @@ DATA_ENV = "SNNET_DATA_DIR"
 log = logging.getLogger(__name__)
 
 
-def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+def random_subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     """A fixed random subset (classes mixed: ImageFolder is sorted by class)."""
     if limit is None or limit >= len(dataset):
         return dataset
@@ -173,8 +179,8 @@ class ImageDataModule(L.LightningDataModule):
         return self.data_config
 
     def transforms(self) -> tuple[Callable, Callable]:
-        from timm.data import create_transform
         import torchvision.transforms as T
+        from timm.data import create_transform
 
         cfg = self._config()
         common = {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation") if k in cfg}
@@ -197,8 +203,8 @@ class ImageDataModule(L.LightningDataModule):
             return
         train_tf, eval_tf = self.transforms()
         train, val = self._datasets(train_tf, eval_tf)
-        self.train_set = _subset(train, self.train_limit, self.seed)
-        self.val_set = _subset(val, self.val_limit, self.seed)
+        self.train_set = random_subset(train, self.train_limit, self.seed)
+        self.val_set = random_subset(val, self.val_limit, self.seed)
         self.class_names = _class_names(train, self.classes)
 
     def calibration_batch(self, n: int, augmented: bool = False) -> tuple[Tensor, Tensor]:
@@ -209,7 +215,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"calibration needs at least 1 image, got {n}")
         train_tf, eval_tf = self.transforms()
         train, _ = self._datasets(train_tf if augmented else eval_tf, eval_tf)
-        subset = _subset(train, n, self.seed + 1)
+        subset = random_subset(train, n, self.seed + 1)
         samples, keys = subset, list(range(len(subset)))
         if augmented:  # each image's augmentation seeded by its position
             samples, keys = SeededSamples(subset), [(i, derive_seed(self.seed, CALIBRATION, i)) for i in keys]

@@ -20,10 +20,10 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from snnet.results import StitchResult, _score
+from snnet.results import StitchResult, metric_value
 
 if TYPE_CHECKING:
-    from snnet.network import StitchableNetwork
+    from snnet.sn_net.network import StitchableNetwork
 
 
 @dataclass
@@ -97,8 +97,8 @@ def front_ids(results: Sequence[StitchResult], metric: str = "acc1") -> set[int]
     out, best, i = set(), -math.inf, 0
     while i < len(ranked):
         same = [r for r in ranked[i:] if r.flops == ranked[i].flops]
-        out.update(r.id for r in same if _score(r, metric) > best)
-        best = max(best, max(_score(r, metric) for r in same))
+        out.update(r.id for r in same if metric_value(r, metric) > best)
+        best = max(best, max(metric_value(r, metric) for r in same))
         i += len(same)
     return out
 
@@ -106,11 +106,11 @@ def front_ids(results: Sequence[StitchResult], metric: str = "acc1") -> set[int]
 def line_gap(stitch: StitchResult, low: StitchResult, high: StitchResult, metric: str = "acc1") -> float:
     """``stitch``'s score minus the straight line between anchors ``low`` and ``high`` at its FLOPs
     (clamped to the anchors' FLOPs range, so a stitch dearer than both is held to the dearer one)."""
-    (f0, s0), (f1, s1) = sorted([(low.flops, _score(low, metric)), (high.flops, _score(high, metric))])
+    (f0, s0), (f1, s1) = sorted([(low.flops, metric_value(low, metric)), (high.flops, metric_value(high, metric))])
     if f1 == f0:
-        return _score(stitch, metric) - max(s0, s1)
+        return metric_value(stitch, metric) - max(s0, s1)
     t = min(max((stitch.flops - f0) / (f1 - f0), 0.0), 1.0)
-    return _score(stitch, metric) - (s0 + t * (s1 - s0))
+    return metric_value(stitch, metric) - (s0 + t * (s1 - s0))
 
 
 def front_figures(
@@ -137,12 +137,12 @@ def front_figures(
             raise ValueError(f"stitch {s.id} ({s.name}) pairs anchors {missing} that are not among the results (ids {sorted(by_id)})")
         a, b = by_id[s.front_anchor], by_id[s.end_anchor]
         gaps.append(line_gap(s, a, b, metric))
-        below += _score(s, metric) < min(_score(a, metric), _score(b, metric)) - margin
+        below += metric_value(s, metric) < min(metric_value(a, metric), metric_value(b, metric)) - margin
     front = front_ids(results, metric)
     change = {}
     for anchor_id, before in (pretrained or {}).items():
         if anchor_id in by_id and before is not None and not math.isnan(before):
-            change[by_id[anchor_id].name] = _score(by_id[anchor_id], metric) - before
+            change[by_id[anchor_id].name] = metric_value(by_id[anchor_id], metric) - before
     return FrontFigures(
         configurations=len(results),
         stitches=len(stitches),

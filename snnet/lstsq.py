@@ -6,6 +6,7 @@ Solves ``min_W ||[X 1] W - Y||^2 + ridge ||W||^2`` for many independent maps at 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -62,3 +63,12 @@ class AffineLstsq:
         inv = torch.where(keep, 1.0 / (evals + ridge), torch.zeros_like(evals)) if ridge == 0.0 else 1.0 / (evals + ridge)
         solution = evecs @ (inv.unsqueeze(-1) * (evecs.transpose(1, 2) @ self.cross))
         return solution[:, :-1].transpose(1, 2), solution[:, -1]
+
+
+@dataclass
+class StitchInitConfig:
+    """Least-squares initialisation of the stitching layers at fit start (never redone on resume)."""
+
+    images: int = 100
+    ridge: float = 0.0
+    batch_size: int = 50

@@ -7,9 +7,8 @@ stays at 0 and a group at 0.1x the base lr decays to 0.1x the floor.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import math
+from typing import Iterable
 
 import torch
 import torch.nn as nn

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from snnet.families import AnchorView
+from snnet.families import AnchorView, default_input_size
 
 
 @contextmanager
@@ -62,18 +62,6 @@ class AnchorProfile:
     @property
     def params(self) -> int:
         return self.stem_params + sum(self.block_params) + self.head_params
-
-
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The size the model was built for: a fixed patch-embedding size wins over the pretrained config."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    patch_embed = getattr(model, "patch_embed", None)
-    if getattr(patch_embed, "img_size", None) is not None:  # proj may be a Sequential (XCiT): channels from the config
-        channels = getattr(getattr(patch_embed, "proj", None), "in_channels", None) or cfg.get("input_size", (3,))[0]
-        return (channels, *patch_embed.img_size)
-    if "input_size" not in cfg:
-        raise ValueError(f"{type(model).__name__} has no pretrained_cfg['input_size']; pass input_size explicitly")
-    return tuple(cfg["input_size"])
 
 
 @torch.no_grad()

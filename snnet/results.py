@@ -54,7 +54,7 @@ def save_results(
     results: Sequence[StitchResult], json_path: str | os.PathLike, csv_path: str | os.PathLike | None = None,
     figures: dict | None = None,
 ) -> None:
-    """A JSON list of rows, or with ``figures`` (see :mod:`snnet.figures`) ``{"figures": ..., "stitches": rows}``."""
+    """A JSON list of rows, or with ``figures`` (see :mod:`snnet.front`) ``{"figures": ..., "stitches": rows}``."""
     rows = [r.to_dict() for r in results]
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(rows if figures is None else {"figures": figures, "stitches": rows}, indent=1))
@@ -91,7 +91,7 @@ def load_figures(path: str | os.PathLike) -> dict | None:
     return rows.get("figures") if isinstance(rows, dict) else None
 
 
-def _score(r: StitchResult, metric: str) -> float:
+def metric_value(r: StitchResult, metric: str) -> float:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
     value = getattr(r, metric)
@@ -102,10 +102,10 @@ def _score(r: StitchResult, metric: str) -> float:
 
 def pareto_front(results: Iterable[StitchResult], cost: str = "flops", metric: str = "acc1") -> list[StitchResult]:
     """Stitches no other stitch beats on both cost (lower) and score (higher), cheapest first."""
-    ranked = sorted(results, key=lambda r: (getattr(r, cost), -_score(r, metric)))
+    ranked = sorted(results, key=lambda r: (getattr(r, cost), -metric_value(r, metric)))
     front, best = [], -math.inf
     for r in ranked:
-        score = _score(r, metric)
+        score = metric_value(r, metric)
         if score > best:
             front.append(r)
             best = score
@@ -137,7 +137,7 @@ def select_stitch(
             cheapest = min(results, key=lambda r: cost(r, key))
             parts.append(f"max {key} {limit:g} is below the cheapest stitch {cheapest.id} ({cheapest.name}) at {cost(cheapest, key):g} {key}")
         raise ValueError("no stitch fits the budget: " + "; ".join(parts))
-    return max(fits, key=lambda r: (_score(r, metric), -r.flops))
+    return max(fits, key=lambda r: (metric_value(r, metric), -r.flops))
 
 
 def format_rows(results: Sequence[StitchResult], front: Iterable[int] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -183,7 +183,7 @@ def markdown_table(results: Sequence[StitchResult], before: Sequence[StitchResul
             raise ValueError(f"before-results lack stitch ids {missing}")
         header += [f"{metric} before", "change"]
         for r, row in zip(results, rows):
-            old, new = _score(earlier[r.id], metric), _score(r, metric)
+            old, new = metric_value(earlier[r.id], metric), metric_value(r, metric)
             row += [f"{old:.2f}", f"{new - old:+.2f}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -206,17 +206,17 @@ def plot_pareto(
     series = [(before, "before training", "tab:gray"), (results, "stitches", "tab:blue")] if before else [(results, "stitches", "tab:blue")]
     for rs, label, color in series:
         scored = [r for r in rs if getattr(r, metric) is not None]
-        ax.scatter([r.gflops for r in scored], [_score(r, metric) for r in scored], s=14, color=color, alpha=0.7, label=label)
+        ax.scatter([r.gflops for r in scored], [metric_value(r, metric) for r in scored], s=14, color=color, alpha=0.7, label=label)
     scored = [r for r in results if getattr(r, metric) is not None]
     line = pareto_front(scored, metric=metric)
-    ax.plot([r.gflops for r in line], [_score(r, metric) for r in line], color="tab:blue", lw=1, label="Pareto front")
+    ax.plot([r.gflops for r in line], [metric_value(r, metric) for r in line], color="tab:blue", lw=1, label="Pareto front")
     if front is not None:
         on = set(front)
         ringed = [r for r in scored if r.id in on]
-        ax.scatter([r.gflops for r in ringed], [_score(r, metric) for r in ringed], s=60, facecolors="none",
+        ax.scatter([r.gflops for r in ringed], [metric_value(r, metric) for r in ringed], s=60, facecolors="none",
                    edgecolors="tab:green", lw=1.2, label=f"on the front ({sum(not r.is_anchor for r in ringed)} stitches)", zorder=2)
     anchors = [r for r in scored if r.is_anchor]
-    ax.scatter([r.gflops for r in anchors], [_score(r, metric) for r in anchors], marker="*", s=140, color="tab:red", label="anchors", zorder=3)
+    ax.scatter([r.gflops for r in anchors], [metric_value(r, metric) for r in anchors], marker="*", s=140, color="tab:red", label="anchors", zorder=3)
     ax.set_xlabel("GFLOPs per image")
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(alpha=0.3)

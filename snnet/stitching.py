@@ -30,8 +30,11 @@ def from_channels_last(x: Tensor, layout: Layout) -> Tensor:
     return x.permute(0, 3, 1, 2) if layout == "nchw" else x
 
 
-def _grid(shape: tuple[int, ...], layout: Layout, num_prefix_tokens: int) -> tuple[int, int]:
-    """Spatial grid (H, W) of an activation shape given without batch."""
+def spatial_grid(shape: tuple[int, ...], layout: Layout, num_prefix_tokens: int = 0) -> tuple[int, int]:
+    """Spatial grid (H, W) of an activation shape given without batch; tokens after the prefix form
+    a square grid; a (C,) vector is a 1x1 map."""
+    if layout == "vector":
+        return 1, 1
     if layout == "nchw":
         return shape[1], shape[2]
     if layout == "nhwc":
@@ -96,7 +99,7 @@ class StitchingLayer(nn.Module):
         self.out_features = out_shape[0] if out_layout == "nchw" else out_shape[-1]
         self.in_prefix_tokens = in_prefix_tokens
         same_tokens = in_layout == out_layout == "tokens" and in_shape[0] == out_shape[0]
-        same_map = in_layout == out_layout in ("nchw", "nhwc") and _grid(in_shape, in_layout, 0) == _grid(out_shape, out_layout, 0)
+        same_map = in_layout == out_layout in ("nchw", "nhwc") and spatial_grid(in_shape, in_layout, 0) == spatial_grid(out_shape, out_layout, 0)
         self.direct = same_tokens or same_map or in_layout == "vector"
         if not self.direct:
             if out_layout == "tokens" and out_prefix_tokens:
@@ -104,8 +107,8 @@ class StitchingLayer(nn.Module):
                     f"stitching into tokens with {out_prefix_tokens} prefix (class) token(s) from a {in_layout} "
                     "activation is not supported: the end anchor's class token has no source"
                 )
-            self.in_grid = _grid(in_shape, in_layout, in_prefix_tokens)
-            self.out_grid = _grid(out_shape, out_layout, out_prefix_tokens)
+            self.in_grid = spatial_grid(in_shape, in_layout, in_prefix_tokens)
+            self.out_grid = spatial_grid(out_shape, out_layout, out_prefix_tokens)
         if in_layout == out_layout == "nchw":
             self.proj: nn.Module = nn.Conv2d(self.in_features, self.out_features, kernel_size=1)
         else:

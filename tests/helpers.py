@@ -4,9 +4,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from snnet.anchors import NetworkConfig, build_network
+from snnet.sn_net.build import NetworkConfig, build_network
 from snnet.data import DigitsDataModule
-from snnet.module import DistillConfig, OptimConfig, SNNetModule, StitchInitConfig
+from snnet.sn_net.module import DistillConfig, OptimConfig, SNNetModule, StitchInitConfig
 
 
 class RecordStitches(L.Callback):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from snnet.adapters import ADAPTERS, Adapter, create_adapter, init_lstsq, register_adapter
+from snnet.general_stitching.adapters import ADAPTERS, Adapter, create_adapter, init_lstsq, register_adapter
 
 # (in_shape, out_shape, in_layout, out_layout, in_prefix, out_prefix)
 LAYOUT_CASES = {

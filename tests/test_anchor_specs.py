@@ -9,7 +9,7 @@ import torch
 import torchvision
 import yaml
 
-from snnet.anchors import NetworkConfig, build_network
+from snnet.sn_net.build import NetworkConfig, build_network
 from snnet.cli import main
 
 USER_MODULE = '''
@@ -94,7 +94,7 @@ def test_fit_cli_parses_and_builds_per_anchor_specs_with_user_imports_without_ru
     vit = {"patch_size": 4, "depth": 2, "num_heads": 2, "img_size": 16, "num_classes": 10}
     config = {
         "trainer": {"max_steps": 1, "logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path)},
-        "model": {"class_path": "snnet.module.SNNetModule", "init_args": {"network": {
+        "model": {"class_path": "snnet.sn_net.module.SNNetModule", "init_args": {"network": {
             "imports": ["snnet_user_models"], "pretrained": False, "input_size": [3, 16, 16],
             "anchors": [
                 {"name": "vit_tiny_patch16_224", "kwargs": {**vit, "embed_dim": 48}},

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers import perturbed_network, tiny_data, tiny_module
-from snnet.anchors import NetworkConfig, build_network
-from snnet.export import export_stitch, extract_stitch, load_stitch
+from snnet.sn_net.build import NetworkConfig, build_network
+from snnet.deploy.export import export_stitch, extract_stitch, load_stitch
 
 CIFAR = NetworkConfig(anchors=["cifar_resnet8", "cifar_resnet14"], pretrained=False, input_size=(3, 16, 16))
 

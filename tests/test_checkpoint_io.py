@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import tiny_module
-from snnet.checkpoint import load_network
+from snnet.deploy.load import load_network
 from snnet.checkpoint_io import PARTIAL, AtomicCheckpointIO, CheckpointError, check_fits, read_checkpoint
 from snnet.cli import main
 from snnet.results import load_results

@@ -7,8 +7,8 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
 from helpers import tiny_data, tiny_module
-from snnet.anchors import NetworkConfig, build_network
-from snnet.compile import compile_stitchable
+from snnet.sn_net.build import NetworkConfig, build_network
+from snnet.sn_net.compile import compile_stitchable
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from snnet.cli import build_cli
-from snnet.module import SNNetModule
+from snnet.sn_net.module import SNNetModule
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 EXPECTED_CONFIGS = {
@@ -69,7 +69,7 @@ def test_config_builds_with_random_weights_and_tiny_data(name, tiny_image_folder
 
 @pytest.mark.parametrize("name", sorted(GENERAL_STITCH_CONFIGS))
 def test_general_stitch_config_builds_with_random_weights(name, tiny_image_folder, tmp_path):
-    from snnet.general import GeneralStitchModule
+    from snnet.general_stitching.module import GeneralStitchModule
 
     built = cli(["--config", str(CONFIGS / name), "--model.sender.checkpoint", "", "--model.receiver.checkpoint", "",
                  "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
@@ -82,8 +82,8 @@ def test_general_stitch_config_builds_with_random_weights(name, tiny_image_folde
 @pytest.mark.parametrize("name", sorted(SIMILARITY_CONFIGS))
 def test_similarity_config_parses_and_resolves_its_pairs(name, monkeypatch):
     from snnet.families import anchor_view
-    from snnet.general import ModelSpec
-    from snnet.similarity import parse_similarity, select_pairs
+    from snnet.general_stitching.module import ModelSpec
+    from snnet.general_stitching.similarity import parse_similarity, select_pairs
 
     monkeypatch.setenv("SNNET_ANCHOR_DIR", "/anchors")
     config, _ = parse_similarity(["--config", str(CONFIGS / name), "--data", "snnet.data.DigitsDataModule"])
@@ -93,7 +93,7 @@ def test_similarity_config_parses_and_resolves_its_pairs(name, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(STITCHNET_CONFIGS))
 def test_stitchnet_config_builds_with_random_weights(name, tiny_image_folder, tmp_path):
-    from snnet.stitchnet import StitchNetModule
+    from snnet.stitchnet.module import StitchNetModule
 
     built = cli(["--config", str(CONFIGS / name), "--model.pool.checkpoints", "[]", "--model.init_args.out_dir", str(tmp_path),
                  "--data", "snnet.data.ImageFolderDataModule", "--data.init_args.root", str(tiny_image_folder),

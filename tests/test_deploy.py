@@ -10,11 +10,11 @@ import torch
 import yaml
 
 from helpers import tiny_data, tiny_module
-from snnet.choice import StitchChoice
+from snnet.sn_net.choice import StitchChoice
 from snnet.cli import main
-from snnet.evaluate import evaluate_stitches
-from snnet.figures import front_figures
-from snnet.latency import measure_latency, median_ms, resolve_device, with_latency
+from snnet.deploy.evaluate import evaluate_stitches
+from snnet.front import front_figures
+from snnet.deploy.latency import measure_latency, median_ms, resolve_device, with_latency
 from snnet.results import StitchResult, load_figures, load_results, pareto_front, save_results, select_stitch
 
 
@@ -113,7 +113,7 @@ def test_cli_predict_takes_the_stitch_with_a_checkpoint(tmp_path):
     trainer.fit(module, tiny_data(module))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     network = {"anchors": ["cifar_resnet8", "cifar_resnet14"], "pretrained": False, "input_size": [3, 16, 16]}
-    config = {"model": {"class_path": "snnet.module.SNNetModule", "init_args": {"network": network}},
+    config = {"model": {"class_path": "snnet.sn_net.module.SNNetModule", "init_args": {"network": network}},
               "data": {"class_path": "snnet.data.DigitsDataModule", "init_args": {"val_limit": 8, "num_workers": 0}},
               "trainer": {"logger": False, "enable_progress_bar": False, "accelerator": "cpu", "default_root_dir": str(tmp_path)}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
@@ -128,7 +128,7 @@ def test_cli_predict_takes_the_stitch_with_a_checkpoint(tmp_path):
 def test_bench_latency_cli_fills_a_results_file_for_select(scored, tmp_path, capsys):
     module, _, results, path = scored
     network = {"anchors": ["cifar_resnet8", "cifar_resnet14"], "pretrained": False, "input_size": [3, 16, 16]}
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump({"model": {"class_path": "snnet.module.SNNetModule", "init_args": {"network": network}}}))
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump({"model": {"class_path": "snnet.sn_net.module.SNNetModule", "init_args": {"network": network}}}))
     scored_file, figures = tmp_path / "validate_results.json", front_figures(results).to_dict()
     save_results(results, scored_file, figures=figures)  # as `snnet validate` writes it
     out = tmp_path / "with_latency.json"

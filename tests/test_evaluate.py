@@ -4,9 +4,9 @@ import torch
 from timm.data import resolve_data_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from snnet.anchors import NetworkConfig, build_network
+from snnet.sn_net.build import NetworkConfig, build_network
 from snnet.data import DigitsDataModule
-from snnet.evaluate import evaluate_stitches
+from snnet.deploy.evaluate import evaluate_stitches
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 
 from helpers import perturbed_network, tiny_data, tiny_module
-from snnet.anchors import NetworkConfig
+from snnet.sn_net.build import NetworkConfig
 from snnet.cli import main
-from snnet.evaluate import evaluate_stitches
-from snnet.export import export_stitch, extract_stitch, load_program, load_recipe, load_stitch
+from snnet.deploy.evaluate import evaluate_stitches
+from snnet.deploy.export import export_stitch, extract_stitch, load_program, load_recipe, load_stitch
 from snnet.results import save_results, select_stitch
 
 CIFAR = NetworkConfig(anchors=["cifar_resnet8", "cifar_resnet14", "cifar_resnet20"], pretrained=False, input_size=(3, 16, 16))
@@ -90,7 +90,7 @@ def test_wrong_model_kwargs_are_a_clear_error_at_load(tmp_path):
     """A network built from models directly has no specs: export needs their timm kwargs."""
     import timm
 
-    from snnet.network import StitchableNetwork
+    from snnet.sn_net.network import StitchableNetwork
 
     anchors = [timm.create_model(n, **VIT.model_kwargs) for n in VIT.anchors]
     export_stitch(StitchableNetwork(anchors, names=VIT.anchors), 0, tmp_path)  # kwargs forgotten: a 224 px ViT

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torchvision
 
 from snnet.families import AnchorView, SplitError, anchor_view, check_view, generic_view
-from snnet.profile import default_input_size
+from snnet.families import default_input_size
 from snnet.stitching import StitchingLayer
 
 # (timm name, kwargs, probe size)
@@ -126,7 +126,7 @@ def test_user_named_blocks_and_clear_errors():
 
 # --- SN-Net over the new families ----------------------------------------------------------
 def _count(names: list[str], size: tuple[int, int, int] | None, **kwargs) -> int:
-    from snnet.stitch_configs import AnchorDepths, generate_stitch_configs
+    from snnet.sn_net.stitch_configs import AnchorDepths, generate_stitch_configs
 
     views = [anchor_view(timm.create_model(n, **kwargs).eval(), input_size=size) for n in names]
     depths = [AnchorDepths(v.stage_depths, v.stitch_stages, v.isotropic) for v in views]
@@ -169,7 +169,7 @@ def test_mobilenetv3_small_large_have_no_common_stages_and_say_so():
 
 
 def test_mixed_families_build_where_stages_line_up():
-    from snnet.network import StitchableNetwork
+    from snnet.sn_net.network import StitchableNetwork
 
     torch.manual_seed(0)
     convnext = timm.create_model("convnext_atto").eval()  # (2, 2, 6, 2), nchw
@@ -197,8 +197,8 @@ def test_mixed_families_build_where_stages_line_up():
 def test_resnet_to_deit_map_to_token_and_mobilenet_to_swin_bottleneck():
     """General stitching across families: ResNet map -> DeiT tokens (linear), and Traft & Cheney's
     MobileNetV3 (early stage) -> Swin-T (late stage) with the bottleneck adapter and bilinear rescale."""
-    from snnet.adapters import AdapterConfig
-    from snnet.general import build_stitched
+    from snnet.general_stitching.adapters import AdapterConfig
+    from snnet.general_stitching.module import build_stitched
 
     torch.manual_seed(0)
     resnet = timm.create_model("resnet18").eval()
@@ -246,7 +246,7 @@ def test_snnet_stitches_per_block_layouts_and_ls_init_is_exact_between_copies():
     """Two copies of a conv -> flatten -> linear net, stitched in every stage: each stitching layer
     reads and writes its own blocks' layouts (1x1 conv on maps, linear on vectors), and least
     squares between copies recovers the identity, so every stitch computes the anchor's output."""
-    from snnet.network import StitchableNetwork
+    from snnet.sn_net.network import StitchableNetwork
 
     torch.manual_seed(0)
     a = _plain_net(8)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from snnet.figures import front_figures, front_ids, line_gap
+from snnet.front import front_figures, front_ids, line_gap
 from snnet.results import StitchResult
 
 PUBLISHED_ENV = "SNNET_PUBLISHED_RESULTS"
@@ -97,8 +97,8 @@ def test_published_rows_identify_our_configurations(published_dir, name, anchors
     import timm
     import torch
 
-    from snnet.figures import published_results
-    from snnet.network import StitchableNetwork
+    from snnet.front import published_results
+    from snnet.sn_net.network import StitchableNetwork
 
     rows = {r["cfg_id"]: r for r in map(json.loads, (published_dir / name).read_text().splitlines())}
     with torch.device("meta"):  # FLOPs need shapes only

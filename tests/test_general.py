@@ -7,10 +7,10 @@ import timm
 import torch
 
 import snnet.models  # noqa: F401  (registers the CIFAR ResNets)
-from snnet.adapters import AdapterConfig, init_lstsq
+from snnet.general_stitching.adapters import AdapterConfig, init_lstsq
 from snnet.data import DigitsDataModule
-from snnet.general import AdapterOptimConfig, GeneralStitchModule, ModelSpec, build_stitched
-from snnet.module import StitchInitConfig
+from snnet.general_stitching.module import AdapterOptimConfig, GeneralStitchModule, ModelSpec, build_stitched
+from snnet.sn_net.module import StitchInitConfig
 
 SIZE = (3, 16, 16)
 

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers import RecordStitches, tiny_data, tiny_module
-from snnet.module import DistillConfig, LossConfig, OptimConfig, SNNetModule
+from snnet.sn_net.module import DistillConfig, LossConfig, OptimConfig, SNNetModule
 
 
 class CrashAt(L.Callback):
@@ -103,7 +103,7 @@ def test_bad_config_values_name_the_choices():
     with pytest.raises(ValueError, match="alpha"):
         SNNetModule(network=tiny_module().hparams.network, distill=DistillConfig(teacher="largest_anchor", alpha=2.0))
     with pytest.raises(ValueError, match="unknown anchor model 'cifar_resnet21'"):
-        from snnet.anchors import NetworkConfig
+        from snnet.sn_net.build import NetworkConfig
 
         NetworkConfig(anchors=["cifar_resnet21"])
     assert LossConfig().mixup == 0.0

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import assert_forward_many_is_one_at_a_time, assert_path_parameters_are_what_a_step_updates
-from snnet.network import StitchableNetwork
+from snnet.sn_net.network import StitchableNetwork
 from snnet.stitching import channels_last
 
 

@@ -3,7 +3,7 @@ stitches keep most of their anchor pair's accuracy."""
 import pytest
 import torch
 
-from snnet.anchors import NetworkConfig, build_network
+from snnet.sn_net.build import NetworkConfig, build_network
 from snnet.data import ImageFolderDataModule
 from snnet.models.cifar_resnet import PRETRAINED_FILES
 

@@ -46,7 +46,7 @@ def tiny_config(out: Path, kill: dict | None = None, devices: int = 1, strategy:
     config = {
         "seed_everything": 0,
         "trainer": trainer,
-        "model": {"class_path": "snnet.module.SNNetModule", "init_args": {
+        "model": {"class_path": "snnet.sn_net.module.SNNetModule", "init_args": {
             "network": {"anchors": ["cifar_resnet8", "cifar_resnet14"], "pretrained": False, "input_size": [3, 16, 16]},
             "optim": {"lr": 0.001, "warmup_steps": 2},
             "distill": {"teacher": "largest_anchor"},

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from snnet.sampling import sample_stitch, sampling_weights, with_anchor_share
+from snnet.sn_net.sampling import sample_stitch, sampling_weights, with_anchor_share
 
 
 def test_uniform_weights_sum_to_one():

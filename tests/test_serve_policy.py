@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from snnet.network import StitchInfo
+from snnet.sn_net.network import StitchInfo
 from snnet.results import StitchResult, select_stitch
 from snnet.serve.launch import ServeConfig, batch_sizes
 from snnet.serve.policy import FixedPolicy, LatencyTable, SLOPolicy

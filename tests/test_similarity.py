@@ -10,11 +10,11 @@ import torch
 import yaml
 
 import snnet.models  # noqa: F401  (registers the CIFAR ResNets)
-from snnet.adapters import AdapterConfig
+from snnet.general_stitching.adapters import AdapterConfig
 from snnet.cka import linear_cka
 from snnet.cli import main
 from snnet.families import anchor_view
-from snnet.similarity import (
+from snnet.general_stitching.similarity import (
     Grid, cka_grid, load_grid, plot_heatmap, point_features, save_grid, select_pairs, stitching_grid,
 )
 

@@ -1,7 +1,7 @@
 """The generator reproduces the reference SN-Net configuration counts exactly."""
 import pytest
 
-from snnet.stitch_configs import AnchorDepths, config_name, generate_stitch_configs, interpolated_pairs, window_pairs
+from snnet.sn_net.stitch_configs import AnchorDepths, config_name, generate_stitch_configs, interpolated_pairs, window_pairs
 
 DEIT = AnchorDepths((12,), (0,), True)
 SWIN_T, SWIN_SB = AnchorDepths((2, 2, 6, 2), (0, 1, 2), False), AnchorDepths((2, 2, 18, 2), (0, 1, 2), False)

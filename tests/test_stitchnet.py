@@ -14,10 +14,10 @@ import torch.nn as nn
 import snnet.models  # noqa: F401  (registers cifar_resnet*)
 from snnet.data import DigitsDataModule
 from snnet.families import anchor_view
-from snnet.fragments import build_fragment_pool, pool_activations
-from snnet.heads import class_means_head, ridge_head
-from snnet.profile import num_params, profile_anchor
-from snnet.stitchnet import (
+from snnet.stitchnet.fragments import build_fragment_pool, pool_activations
+from snnet.stitchnet.heads import class_means_head, ridge_head
+from snnet.profiling import num_params, profile_anchor
+from snnet.stitchnet.module import (
     ComposeConfig, NoCompositionError, PoolConfig, StitchNetModule, compose, evaluate, make_bridge,
 )
 
@@ -181,7 +181,7 @@ def test_ridge_head_matches_sklearn_and_recovers_an_exact_linear_map() -> None:
 
 
 def test_leave_one_out_ridge_matches_refitting_without_each_sample() -> None:
-    from snnet.heads import RIDGE_GRID, loo_errors
+    from snnet.stitchnet.heads import RIDGE_GRID, loo_errors
 
     n, d, k = 14, 20, 3  # fewer samples than features, as with 32 images and 64 channels
     y = torch.arange(n) % k
@@ -389,7 +389,7 @@ def test_paper_pool_of_five_torchvision_architectures_composes_mixed_networks_ex
     fragments run by hand with bridges refitted by least squares from the same samples."""
     import torchvision
 
-    from snnet.stitchnet import fit_bridge, in_spec, out_spec
+    from snnet.stitchnet.module import fit_bridge, in_spec, out_spec
 
     torch.manual_seed(0)
     models = {name: torchvision.models.get_model(name, weights=None).eval() for name in PAPER_POOL}

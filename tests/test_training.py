@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import RecordStitches, tiny_data, tiny_module
-from snnet.module import OptimConfig
+from snnet.sn_net.module import OptimConfig
 from snnet.optim import warmup_cosine
 
 

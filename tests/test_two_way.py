@@ -13,12 +13,12 @@ import torch
 import yaml
 
 from helpers import assert_forward_many_is_one_at_a_time, assert_path_parameters_are_what_a_step_updates
-from snnet.anchors import NetworkConfig, build_network
+from snnet.sn_net.build import NetworkConfig, build_network
 from snnet.cli import main
 from snnet.data import DigitsDataModule
-from snnet.export import export_stitch, extract_stitch, load_stitch
-from snnet.module import DistillConfig, OptimConfig, SNNetModule, StitchInitConfig
-from snnet.network import StitchableNetwork
+from snnet.deploy.export import export_stitch, extract_stitch, load_stitch
+from snnet.sn_net.module import DistillConfig, OptimConfig, SNNetModule, StitchInitConfig
+from snnet.sn_net.network import StitchableNetwork
 from snnet.optim import decay_groups
 from snnet.results import select_stitch
 from snnet.stitching import StitchingLayer

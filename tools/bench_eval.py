@@ -1,4 +1,4 @@
-"""Benchmark: score every stitch in one pass over the loader (shared prefixes, ``snnet.evaluate``)
+"""Benchmark: score every stitch in one pass over the loader (shared prefixes, ``snnet.deploy.evaluate``)
 against the reference SN-Net loop (one full pass over the loader per stitch).
 
 Families:
@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 
 from bench_common import Seconds, append_section, header_lines, timed
-from snnet.anchors import NetworkConfig, build_network
+from snnet.sn_net.build import NetworkConfig, build_network
 from snnet.data import CIFAR10JPEGDataModule, ImageDataModule, ImageFolderDataModule
-from snnet.evaluate import Evaluation, evaluate_stitches
+from snnet.deploy.evaluate import Evaluation, evaluate_stitches
 from snnet.models.cifar_resnet import pretrained_checkpoints
-from snnet.network import StitchableNetwork
+from snnet.sn_net.network import StitchableNetwork
 
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 CIFAR = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56"]

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from bench_common import append_section, header_lines
-from snnet.anchors import NetworkConfig, build_network
-from snnet.export import extract_stitch
-from snnet.latency import median_ms
-from snnet.network import StitchableNetwork
+from snnet.sn_net.build import NetworkConfig, build_network
+from snnet.deploy.export import extract_stitch
+from snnet.deploy.latency import median_ms
+from snnet.sn_net.network import StitchableNetwork
 
 FAMILIES = {
     "deit": ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"],

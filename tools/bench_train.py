@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from snnet.anchors import NetworkConfig, build_network  # noqa: E402
-from snnet.compile import compile_stitchable  # noqa: E402
-from snnet.network import StitchableNetwork  # noqa: E402
+from snnet.sn_net.build import NetworkConfig, build_network  # noqa: E402
+from snnet.sn_net.compile import compile_stitchable  # noqa: E402
+from snnet.sn_net.network import StitchableNetwork  # noqa: E402
 
 FAMILIES: dict[str, dict] = {
     "cifar": {"anchors": ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56"], "input_size": (3, 32, 32),

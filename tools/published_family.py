@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from snnet.anchors import NetworkConfig  # noqa: E402
-from snnet.figures import front_figures, published_results  # noqa: E402
-from snnet.module import SNNetModule  # noqa: E402
+from snnet.sn_net.build import NetworkConfig  # noqa: E402
+from snnet.front import front_figures, published_results  # noqa: E402
+from snnet.sn_net.module import SNNetModule  # noqa: E402
 from snnet.results import save_results  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """One row of the recipe table: `snnet fit` a config with a recipe's overrides, bounded, and record
-recipe, steps, wall time and the four front figures (snnet.figures) in a JSONL file.
+recipe, steps, wall time and the four front figures (snnet.front) in a JSONL file.
 
     python tools/recipe_study.py --config configs/cifar10_resnet.yaml --recipe frozen \
         --steps 300 --val-limit 2000 --set model.init_args.optim.freeze_anchors=true --out outputs/study/cifar.jsonl

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from snnet.data import CIFAR10JPEGDataModule  # noqa: E402
-from snnet.fragments import pool_activations  # noqa: E402
+from snnet.stitchnet.fragments import pool_activations  # noqa: E402
 from snnet.models.cifar_resnet import pretrained_checkpoints  # noqa: E402
-from snnet.stitchnet import ComposeConfig, PoolConfig, build_pool, compose, evaluate, print_candidates, save_candidates  # noqa: E402
+from snnet.stitchnet.module import ComposeConfig, PoolConfig, build_pool, compose, evaluate, print_candidates, save_candidates  # noqa: E402
 
 
 

@@ -21,8 +21,8 @@ import lightning as L
 import yaml
 
 from snnet.anchors import expand_path
-from snnet.figures import front_figures
-from snnet.module import SNNetModule
+from snnet.front import front_figures
+from snnet.sn_net.module import SNNetModule
 
 
 def subset(network: dict, anchors: list[int] | None) -> dict:

@@ -13,12 +13,12 @@ from typing import Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
-from snnet.network import StitchableNetwork
-from snnet.figures import stitch_result
+from snnet.front import stitch_result
+from snnet.metrics import StitchScores
 from snnet.results import StitchResult
+from snnet.sn_net.network import StitchableNetwork
 
 EVAL_MODES: tuple[str, ...] = ("shared", "naive")
 
@@ -29,47 +29,6 @@ class Evaluation:
 
     results: list[StitchResult]
     predictions: dict[int, Tensor] | None = None
-
-
-class StitchScores:
-    """Top-1/top-5 accuracy per stitch with torchmetrics (the same metric as ``SNNetModule``
-    validation, so both report the same numbers); created at the first batch, sized by its logits."""
-
-    def __init__(self, ids: Sequence[int], keep_predictions: bool = False) -> None:
-        self.ids = list(ids)
-        self.keep_predictions = keep_predictions
-        self.acc1: dict[int, MulticlassAccuracy] = {}
-        self.acc5: dict[int, MulticlassAccuracy] = {}
-        self.predictions: dict[int, list[Tensor]] = {i: [] for i in self.ids}
-
-    def _metrics(self, stitch: int, logits: Tensor) -> tuple[MulticlassAccuracy, MulticlassAccuracy]:
-        if stitch not in self.acc1:
-            classes = logits.shape[-1]
-            self.acc1[stitch] = MulticlassAccuracy(classes, top_k=1, average="micro").to(logits.device)
-            self.acc5[stitch] = MulticlassAccuracy(classes, top_k=min(5, classes), average="micro").to(logits.device)
-        return self.acc1[stitch], self.acc5[stitch]
-
-    def update(self, stitch: int, logits: Tensor, target: Tensor) -> None:
-        if logits.ndim != 2 or logits.shape[0] != target.shape[0]:
-            raise ValueError(f"expected logits (B, classes) for targets ({target.shape[0]},), got {tuple(logits.shape)}")
-        acc1, acc5 = self._metrics(stitch, logits)
-        acc1.update(logits, target)
-        acc5.update(logits, target)
-        if self.keep_predictions:
-            self.predictions[stitch].append(logits.argmax(-1).cpu())
-
-    def accuracies(self) -> dict[int, tuple[float, float]]:
-        """Top-1 and top-5 accuracy (%) per stitch id."""
-        if not self.acc1:
-            raise ValueError("the loader yielded no batches: nothing was scored")
-        return {i: (float(self.acc1[i].compute()) * 100, float(self.acc5[i].compute()) * 100) for i in self.ids}
-
-    def evaluation(self, net: StitchableNetwork) -> Evaluation:
-        results = []
-        for stitch, (acc1, acc5) in self.accuracies().items():
-            results.append(stitch_result(net, stitch, acc1, acc5))
-        predictions = {i: torch.cat(p) for i, p in self.predictions.items()} if self.keep_predictions else None
-        return Evaluation(results, predictions)
 
 
 def _inputs(batch: Sequence[Tensor], param: Tensor) -> tuple[Tensor, Tensor]:
@@ -95,7 +54,7 @@ def evaluate_stitches(
     """
     if mode not in EVAL_MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; choose one of {EVAL_MODES}")
-    ids = list(range(net.num_configs)) if ids is None else [net._check_id(i) for i in ids]
+    ids = list(range(net.num_configs)) if ids is None else [net.check_id(i) for i in ids]
     if not ids:
         raise ValueError("no stitch ids to evaluate")
     param = next(net.parameters())
@@ -115,4 +74,6 @@ def evaluate_stitches(
                     scores.update(stitch, net(x, stitch), y)
     finally:
         net.train(was_training)
-    return scores.evaluation(net)
+    results = [stitch_result(net, stitch, acc1, acc5) for stitch, (acc1, acc5) in scores.accuracies().items()]
+    predictions = {i: torch.cat(p) for i, p in scores.predictions.items()} if keep_predictions else None
+    return Evaluation(results, predictions)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 import snnet.models  # noqa: F401  (registers the CIFAR ResNets in timm)
 from snnet.families import AnchorView, anchor_view, copy_with_view
-from snnet.network import StitchableNetwork
+from snnet.sn_net.network import StitchableNetwork
 from snnet.stitching import StitchingLayer
 
 FORMAT = "snnet-stitch/1"
@@ -136,7 +136,7 @@ class StitchModule(nn.Module):
 
 def stitch_recipe(net: StitchableNetwork, stitch: int, model_kwargs: dict[str, Any] | None = None) -> StitchRecipe:
     """The path of ``stitch`` in ``net`` as parts of anchors, stitching layers and steps."""
-    config = net.configs[net._check_id(stitch)]
+    config = net.configs[net.check_id(stitch)]
     unique = list(dict.fromkeys(config.anchors))  # a two-hop route may come back to its first anchor
     local = {a: i for i, a in enumerate(unique)}
     blocks: dict[int, list[int]] = {a: [] for a in unique}

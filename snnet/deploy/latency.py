@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from snnet.network import StitchableNetwork
 from snnet.results import StitchResult
+from snnet.sn_net.network import StitchableNetwork
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -84,7 +84,7 @@ def measure_latency(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = resolve_device(device)
-    ids = list(range(net.num_configs)) if ids is None else [net._check_id(i) for i in ids]
+    ids = list(range(net.num_configs)) if ids is None else [net.check_id(i) for i in ids]
     net.to(device=device, dtype=dtype).eval()
     x = torch.randn(batch_size, *net.profiles[0].input_size, device=device, dtype=dtype)
     return {

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 
-from snnet.anchors import NetworkConfig, build_network, expand_path
+from snnet.anchors import expand_path
 from snnet.checkpoint_io import CheckpointError, read_checkpoint, state_mismatch
-from snnet.network import StitchableNetwork
+from snnet.sn_net.build import NetworkConfig, build_network
+from snnet.sn_net.network import StitchableNetwork
 
 PREFIX = "net."
 

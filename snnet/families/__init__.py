@@ -1,17 +1,26 @@
 """Model families as block views: the base view and registry, the generic splitter, hand adapters."""
+from snnet.families import handwritten  # noqa: F401  (registers the hand adapters)
 from snnet.families.base import (
     LAYOUTS,
     AnchorView,
     Layout,
-    anchor_view,
+    default_input_size,
     register_family,
     registered_adapter,
     supported_families,
 )
-from snnet.families.generic import ProbeError, SplitError, check_view, copy_with_view, discover_blocks, generic_view
-from snnet.families import handwritten  # noqa: F401  (registers the hand adapters)
+from snnet.families.generic import (
+    ProbeError,
+    SplitError,
+    anchor_view,
+    check_view,
+    copy_with_view,
+    discover_blocks,
+    generic_view,
+)
 
 __all__ = [
-    "LAYOUTS", "AnchorView", "Layout", "ProbeError", "SplitError", "anchor_view", "check_view", "copy_with_view", "discover_blocks", "generic_view",
+    "LAYOUTS", "AnchorView", "Layout", "ProbeError", "SplitError", "anchor_view", "check_view", "copy_with_view", "default_input_size",
+    "discover_blocks", "generic_view",
     "register_family", "registered_adapter", "supported_families",
 ]

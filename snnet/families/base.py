@@ -7,7 +7,7 @@ takes priority for its classes. Everything else in snnet works on views only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal
 
 import torch.nn as nn
 from torch import Tensor
@@ -87,19 +87,13 @@ def registered_adapter(model: nn.Module) -> Callable[[nn.Module], AnchorView] | 
     return next((_FAMILIES[cls] for cls in type(model).__mro__ if cls in _FAMILIES), None)
 
 
-def anchor_view(
-    model: nn.Module, blocks: Sequence[str] | None = None, input_size: tuple[int, int, int] | None = None
-) -> AnchorView:
-    """The block view of ``model``: its hand adapter if one is registered, else the generic splitter.
-
-    ``blocks`` names the block modules (e.g. ``["features.0", "features.3"]``) and always uses the
-    generic splitter. Generic views are verified (``stem -> blocks -> head == model(x)``) and cached
-    per model, so later calls (export, general stitching) return the same split. ``input_size``
-    (C, H, W) is the probe image size for the generic splitter (default: the model's own).
-    """
-    from snnet.families.generic import cached_view, generic_view
-
-    if blocks is None and (cached := cached_view(model)) is not None:  # e.g. split by user-named blocks
-        return cached
-    adapter = registered_adapter(model) if blocks is None else None
-    return adapter(model) if adapter is not None else generic_view(model, blocks, input_size)
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The size the model was built for: a fixed patch-embedding size wins over the pretrained config."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    patch_embed = getattr(model, "patch_embed", None)
+    if getattr(patch_embed, "img_size", None) is not None:  # proj may be a Sequential (XCiT): channels from the config
+        channels = getattr(getattr(patch_embed, "proj", None), "in_channels", None) or cfg.get("input_size", (3,))[0]
+        return (channels, *patch_embed.img_size)
+    if "input_size" not in cfg:
+        raise ValueError(f"{type(model).__name__} has no pretrained_cfg['input_size']; pass input_size explicitly")
+    return tuple(cfg["input_size"])

@@ -32,7 +32,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from snnet.families.base import AnchorView, Layout
+from snnet.families.base import (
+    AnchorView,
+    Layout,
+    default_input_size,
+    registered_adapter,
+)
 
 TOLERANCE = 1e-4
 _SEQUENCES = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -127,7 +132,10 @@ def discover_blocks(model: nn.Module) -> list[str]:
 class _Tracer(fx.Tracer):
     def __init__(self, leaves: set[int]) -> None:
         try:
-            from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+            from timm.models._features_fx import (
+                get_notrace_functions,
+                get_notrace_modules,
+            )
 
             functions, modules = tuple(get_notrace_functions()), tuple(get_notrace_modules())
         except ImportError:  # timm is optional for the splitter
@@ -333,8 +341,6 @@ def _piece(traced: fx.GraphModule, model: nn.Module, nodes: list[fx.Node], free:
 
 # --- 3./4. split, verify, read shapes ---------------------------------------------------------
 def _input_size(model: nn.Module) -> tuple[int, int, int]:
-    from snnet.profile import default_input_size
-
     try:
         return default_input_size(model)
     except ValueError:
@@ -356,7 +362,8 @@ def _layout(shape: tuple[int, ...], prefix_attr: int | None) -> tuple[Layout, in
     raise ValueError(f"activation of shape {shape} is none of tokens (N, C), nchw (C, H, W), nhwc (H, W, C), vector (C,)")
 
 
-def _grid(shape: tuple[int, ...], layout: Layout, prefix: int) -> tuple[int, ...]:
+def _extent(shape: tuple[int, ...], layout: Layout, prefix: int) -> tuple[int, ...]:
+    """The spatial extent of a block output (grid, or token count): where it changes, a stage ends."""
     return {"nchw": shape[1:], "nhwc": shape[:2], "tokens": (shape[0] - prefix,), "vector": ()}[layout]
 
 
@@ -511,7 +518,7 @@ def _describe(model: nn.Module, stem: nn.Module, units: list[nn.Module], head: n
     blocks = points[1:]
     counts = Counter(blocks)
     layout, prefix = max(reversed(blocks), key=lambda lp: counts[lp])
-    keys = [(_grid(s, lay, p), p) for s, (lay, p) in zip(shapes[1:], blocks)]
+    keys = [(_extent(s, lay, p), p) for s, (lay, p) in zip(shapes[1:], blocks)]
     stages = [0]
     for prev, cur in zip(keys, keys[1:]):
         stages.append(stages[-1] + (cur != prev))
@@ -523,3 +530,19 @@ def _describe(model: nn.Module, stem: nn.Module, units: list[nn.Module], head: n
         num_prefix_tokens=prefix if layout == "tokens" else 0,
         point_layouts=[lay for lay, _ in points], point_prefix_tokens=[p for _, p in points],
     )
+
+
+def anchor_view(
+    model: nn.Module, blocks: Sequence[str] | None = None, input_size: tuple[int, int, int] | None = None
+) -> AnchorView:
+    """The block view of ``model``: its hand adapter if one is registered, else the generic splitter.
+
+    ``blocks`` names the block modules (e.g. ``["features.0", "features.3"]``) and always uses the
+    generic splitter. Generic views are verified (``stem -> blocks -> head == model(x)``) and cached
+    per model, so later calls (export, general stitching) return the same split. ``input_size``
+    (C, H, W) is the probe image size for the generic splitter (default: the model's own).
+    """
+    if blocks is None and (cached := cached_view(model)) is not None:  # e.g. split by user-named blocks
+        return cached
+    adapter = registered_adapter(model) if blocks is None else None
+    return adapter(model) if adapter is not None else generic_view(model, blocks, input_size)

@@ -5,12 +5,13 @@ torchvision models need no adapter: the generic splitter cuts them (``features``
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from snnet.errors import did_you_mean
 
 
 def torchvision_names() -> list[str]:
@@ -22,8 +23,7 @@ def torchvision_names() -> list[str]:
 def check_torchvision_name(name: str) -> None:
     names = torchvision_names()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        raise ValueError(f"unknown torchvision classification model {name!r}" + (f"; did you mean one of {close}?" if close else ""))
+        raise ValueError(f"unknown torchvision classification model {name!r}" + did_you_mean(name, names))
 
 
 def load_state_dict_file(model: nn.Module, path: Path, name: str) -> nn.Module:

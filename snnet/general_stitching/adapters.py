@@ -29,7 +29,7 @@ from torch import Tensor
 
 from snnet.families import LAYOUTS, Layout
 from snnet.lstsq import AffineLstsq
-from snnet.stitching import _grid
+from snnet.stitching import spatial_grid
 
 Rescale = Literal["bilinear", "stride2", "none"]
 RESCALES: tuple[str, ...] = ("bilinear", "stride2", "none")
@@ -143,11 +143,6 @@ def _channels(shape: tuple[int, ...], layout: Layout) -> int:
     return shape[0] if layout == "nchw" else shape[-1]
 
 
-def _map_grid(shape: tuple[int, ...], layout: Layout, prefix_tokens: int) -> tuple[int, int]:
-    """The grid an activation occupies as a map; a (B, C) vector is a 1x1 map."""
-    return (1, 1) if layout == "vector" else _grid(shape, layout, prefix_tokens)
-
-
 class Adapter(nn.Module):
     """Layout conversion, spatial rescale, optional BatchNorms and a registered core; see module doc.
 
@@ -183,14 +178,14 @@ class Adapter(nn.Module):
         self.drop_prefix = in_prefix_tokens if in_layout == "tokens" else 0
         self.make_prefix = out_prefix_tokens if out_layout == "tokens" else 0
         self.stride = 1 if same_tokens or out_layout == "vector" else self._stride(
-            _map_grid(in_shape, in_layout, in_prefix_tokens), _map_grid(out_shape, out_layout, out_prefix_tokens))
+            spatial_grid(in_shape, in_layout, in_prefix_tokens), spatial_grid(out_shape, out_layout, out_prefix_tokens))
         self.core = ADAPTERS[name](self.in_channels, self.out_channels, self.stride, **kwargs)
         if same_tokens and isinstance(self.core, PointwiseMap):  # every token (class token included) is one position of an (N, 1) map
             self.in_grid = self.out_grid = (in_shape[0], 1)
             self.drop_prefix = self.make_prefix = 0
         else:
-            self.in_grid = _map_grid(in_shape, in_layout, in_prefix_tokens)
-            self.out_grid = _map_grid(out_shape, out_layout, out_prefix_tokens)
+            self.in_grid = spatial_grid(in_shape, in_layout, in_prefix_tokens)
+            self.out_grid = spatial_grid(out_shape, out_layout, out_prefix_tokens)
         self.bn_before = nn.BatchNorm2d(self.in_channels) if bn_before else nn.Identity()
         self.bn_after = nn.BatchNorm2d(self.out_channels) if bn_after else nn.Identity()
 

@@ -21,12 +21,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from snnet.adapters import AdapterConfig, check_adapter_name, create_adapter, init_lstsq
 from snnet.anchors import create_anchor
-from snnet.families import AnchorView, anchor_view
-from snnet.module import StitchInitConfig, _as_config
+from snnet.config import as_config
+from snnet.families import AnchorView, anchor_view, default_input_size
+from snnet.general_stitching.adapters import (
+    AdapterConfig,
+    check_adapter_name,
+    create_adapter,
+    init_lstsq,
+)
+from snnet.lstsq import StitchInitConfig
 from snnet.optim import decay_groups, warmup_cosine
-from snnet.profile import AnchorProfile, default_input_size, profile_anchor
+from snnet.profiling import AnchorProfile, profile_anchor
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +140,7 @@ class StitchedModel(nn.Module):
         return self.from_sender(self.sender_features(x))
 
     def init_lstsq(self, images: Tensor, batch_size: int = 100, ridge: float = 0.0) -> None:
-        """Least-squares fit of a linear adapter on ``images`` (see :func:`snnet.adapters.init_lstsq`)."""
+        """Least-squares fit of a linear adapter on ``images`` (see :func:`snnet.general_stitching.adapters.init_lstsq`)."""
         chunks = images.split(batch_size)
         x = torch.cat([self.sender_features(c) for c in chunks])
         y = torch.cat([self.receiver_features(c) for c in chunks])
@@ -229,7 +235,7 @@ class AdapterModule(L.LightningModule):
         if inputs not in ("images", "sender_features"):
             raise ValueError(f"inputs must be 'images' or 'sender_features', got {inputs!r}")
         self.model = model
-        self.optim_cfg = _as_config(AdapterOptimConfig, optim)
+        self.optim_cfg = as_config(AdapterOptimConfig, optim)
         self.inputs = inputs
         num_classes = int(getattr(model.receiver, "num_classes"))
         self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
@@ -279,9 +285,9 @@ class GeneralStitchModule(AdapterModule):
         ls_init: StitchInitConfig = StitchInitConfig(images=500, batch_size=100),
         input_size: tuple[int, int, int] | None = None,
     ) -> None:
-        sender, receiver = _as_config(ModelSpec, sender), _as_config(ModelSpec, receiver)
-        adapter, optim = _as_config(AdapterConfig, adapter), _as_config(AdapterOptimConfig, optim)
-        init_cfg = _as_config(StitchInitConfig, ls_init)
+        sender, receiver = as_config(ModelSpec, sender), as_config(ModelSpec, receiver)
+        adapter, optim = as_config(AdapterConfig, adapter), as_config(AdapterOptimConfig, optim)
+        init_cfg = as_config(StitchInitConfig, ls_init)
         model = build_stitched(sender.create(), sender_layer, receiver.create(), receiver_layer, adapter, input_size)
         super().__init__(model, optim)
         self.init_cfg = init_cfg

@@ -2,7 +2,7 @@
 stitched accuracy and stitching penalty (Bansal et al. 2021; arXiv 2303.11277), with files,
 heatmaps and W&B logging, and the ``snnet similarity`` run behind them.
 
-Layers are the points of :mod:`snnet.general` on both axes: rows are the sender's points
+Layers are the points of :mod:`snnet.general_stitching.module` on both axes: rows are the sender's points
 0..n (stem output, then every block's output), columns the receiver's points 0..m (the input of
 block q; m = the input of the head). The stitching penalty is the stitched model's error minus the
 receiver's own error, in percentage points (Bansal et al.'s definition).
@@ -29,13 +29,26 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from snnet.adapters import AdapterConfig, check_adapter_name, init_lstsq
 from snnet.cka import MinibatchCKA, cka_matrix
-from snnet.data import ImageDataModule, _subset
+from snnet.data import ImageDataModule, random_subset
 from snnet.families import AnchorView, anchor_view
-from snnet.general import (
-    AdapterModule, AdapterOptimConfig, ModelSpec, StitchedModel, adapter_between, check_point, model_name,
-    num_points, profile_pair, run_blocks, stitch_input_size,
+from snnet.general_stitching.adapters import (
+    AdapterConfig,
+    check_adapter_name,
+    init_lstsq,
+)
+from snnet.general_stitching.module import (
+    AdapterModule,
+    AdapterOptimConfig,
+    ModelSpec,
+    StitchedModel,
+    adapter_between,
+    check_point,
+    model_name,
+    num_points,
+    profile_pair,
+    run_blocks,
+    stitch_input_size,
 )
 
 if TYPE_CHECKING:
@@ -314,7 +327,7 @@ def stitching_grid(
 
     Per pair and adapter: a fresh adapter, least-squares init of its linear path on the first
     ``ls_images`` training images (when it has one and ``ls_images > 0``), then ``steps`` AdamW
-    steps of ``batch_size`` (a Lightning fit of :class:`~snnet.general.AdapterModule`; ``steps=0``
+    steps of ``batch_size`` (a Lightning fit of :class:`~snnet.general_stitching.module.AdapterModule`; ``steps=0``
     keeps the init), then top-1 on ``test``. ``train`` and ``test`` are (images, labels) tensors,
     used un-augmented. The frozen sender's activations are computed once per sender layer for all
     pairs and adapters (walking the sender layer by layer: one layer's activations for all images
@@ -441,7 +454,7 @@ def parse_similarity(argv: Sequence[str]) -> tuple[SimilarityConfig, ImageDataMo
 
 def load_images(dataset: Dataset, limit: int, seed: int = 0, batch_size: int = 250) -> tuple[Tensor, Tensor]:
     """``limit`` images (a fixed random draw, classes mixed) and labels as two tensors."""
-    subset = _subset(dataset, limit, seed)
+    subset = random_subset(dataset, limit, seed)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
     xs, ys = zip(*tqdm(loader, desc="loading images", unit="batch", leave=False))
     return torch.cat(xs), torch.cat(ys)

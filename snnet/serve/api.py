@@ -3,7 +3,7 @@
 Two processes (LitServe's layout): the HTTP process checks each request, chooses its stitch (the
 request's id or budget, else the policy, at the load the request arrives to) and keeps the
 statistics; the inference worker holds the network and runs each dynamic batch once with
-:meth:`~snnet.network.StitchableNetwork.forward_rows`, every row through the stitch chosen for it.
+:meth:`~snnet.sn_net.network.StitchableNetwork.forward_rows`, every row through the stitch chosen for it.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class StitchAPI(ls.LitAPI):
         self.ckpt, self.api_key = ckpt, api_key
 
     def setup(self, device: str) -> None:
-        from snnet.checkpoint import load_network
+        from snnet.deploy.load import load_network
 
         # Ctrl+C reaches the whole process group: the worker keeps answering while the HTTP
         # process drains its in-flight requests, and stops when the main process ends it.

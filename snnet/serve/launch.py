@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 
-from snnet.latency import measure_latency, resolve_device
-from snnet.network import StitchableNetwork
+from snnet.deploy.latency import measure_latency, resolve_device
 from snnet.results import load_results
 from snnet.serve.policy import FixedPolicy, LatencyTable, Policy, SLOPolicy
+from snnet.sn_net.network import StitchableNetwork
 
 POLICIES: tuple[str, ...] = ("slo", "fixed")
 LATENCY_SOURCES: tuple[str, ...] = ("measure", "results")
@@ -66,8 +66,8 @@ class ServeConfig:
 
 def read_checkpoint(path: str | Path) -> tuple[StitchableNetwork, list[str] | None]:
     """The trained network and the class names its data saved (None where it had none)."""
-    from snnet.checkpoint import load_network
     from snnet.checkpoint_io import read_checkpoint as read_file
+    from snnet.deploy.load import load_network
 
     net, _ = load_network(path)  # errors name the file (snnet.checkpoint_io.CheckpointError)
     checkpoint = read_file(path)
@@ -99,11 +99,11 @@ def eval_transform(net: StitchableNetwork):
 
 def build_server(cfg: ServeConfig):
     """Check the files, measure the latencies, and return the LitServer (not yet running) and its state."""
-    from snnet.choice import check_results_match
-    from snnet.latency import with_latency
+    from snnet.deploy.latency import with_latency
     from snnet.serve.api import ServeState, StitchAPI, StitchServer
     from snnet.serve.request import Catalog
     from snnet.serve.stats import ServeStats
+    from snnet.sn_net.choice import check_results_match
 
     results = load_results(cfg.results)  # errors name the file
     net, class_names = read_checkpoint(cfg.ckpt)
@@ -112,7 +112,7 @@ def build_server(cfg: ServeConfig):
     except (ValueError, IndexError) as e:
         raise ValueError(f"results file {cfg.results} does not describe checkpoint {cfg.ckpt}: {e}") from None
     if cfg.stitch is not None:
-        net._check_id(cfg.stitch)
+        net.check_id(cfg.stitch)
     if cfg.policy == "slo" and any(getattr(r, cfg.metric) is None for r in results):
         raise ValueError(f"--policy slo needs {cfg.metric} for every stitch in {cfg.results}: write it with `snnet validate`")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)

@@ -16,9 +16,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from snnet.choice import StitchChoice
-from snnet.network import StitchInfo
 from snnet.results import StitchResult
+from snnet.sn_net.choice import StitchChoice
+from snnet.sn_net.network import StitchInfo
 
 BUDGETS: tuple[str, ...] = ("max_gflops", "max_params", "max_latency_ms")
 FIELDS: tuple[str, ...] = ("image", "stitch", *BUDGETS, "top_k")

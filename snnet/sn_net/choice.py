@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snnet.network import StitchableNetwork
 from snnet.results import StitchResult, load_results, select_stitch
+from snnet.sn_net.network import StitchableNetwork
 
 
 @dataclass
@@ -45,7 +45,7 @@ class StitchChoice:
         if self.stitch is not None and self.has_budget:
             raise ValueError(f"give a stitch id ({self.stitch}) or a budget, not both")
         if self.stitch is not None:
-            return net._check_id(self.stitch)
+            return net.check_id(self.stitch)
         if not self.has_budget:
             return net.stitch_id
         chosen = self.select(results)
@@ -57,7 +57,7 @@ def check_results_match(net: StitchableNetwork, results: list[StitchResult]) -> 
     """Results must describe ``net``'s configurations (same id, same path name): results of another
     network would silently pick or time a wrong path."""
     for r in results:
-        info = net.infos[net._check_id(r.id)]
+        info = net.infos[net.check_id(r.id)]
         if info.name != r.name:
             raise ValueError(
                 f"the results name stitch {r.id} {r.name!r} but this network's stitch {r.id} is {info.name!r}: "

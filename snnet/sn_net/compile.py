@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch._dynamo
 
-from snnet.network import StitchableNetwork
+from snnet.sn_net.network import StitchableNetwork
 
 
 def allow_graphs(count: int) -> None:

@@ -17,16 +17,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from snnet.anchors import NetworkConfig, build_network, create_anchor
-from snnet.choice import StitchChoice
+from snnet.anchors import create_anchor
 from snnet.checkpoint_io import check_fits
-from snnet.compile import compile_stitchable
+from snnet.config import as_config
 from snnet.determinism import STEP, derive_seed, seed_global_rngs
-from snnet.figures import FrontFigures, front_figures, stitch_result
+from snnet.front import FrontFigures, front_figures, stitch_result
+from snnet.lstsq import StitchInitConfig
 from snnet.optim import decay_groups, warmup_cosine
-from snnet.profile import count_flops, unfused_attention
+from snnet.profiling import count_flops, unfused_attention
 from snnet.results import StitchResult
-from snnet.sampling import sample_stitch, sampling_weights, with_anchor_share
+from snnet.sn_net.build import NetworkConfig, build_network
+from snnet.sn_net.choice import StitchChoice
+from snnet.sn_net.compile import compile_stitchable
+from snnet.sn_net.sampling import sample_stitch, sampling_weights, with_anchor_share
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +93,8 @@ class LossConfig:
 
 
 @dataclass
-class StitchInitConfig:
-    """Least-squares initialisation of the stitching layers at fit start (never redone on resume)."""
-
-    images: int = 100
-    ridge: float = 0.0
-    batch_size: int = 50
-
-
-@dataclass
 class BatchNormCalibrationConfig:
-    """Per-path BatchNorm statistics (:mod:`snnet.batchnorm`), re-estimated before every validation
+    """Per-path BatchNorm statistics (:mod:`snnet.sn_net.batchnorm`), re-estimated before every validation
     on ``images`` training images, ``batch_size`` at a time, and kept in the checkpoint
     for validate, serve and export. 0 turns it off: every path then evaluates with the layers' shared
     running statistics, as SN-Net published. Families without BatchNorm (ViT, Swin) skip it.
@@ -120,13 +114,8 @@ def set_batchnorm_training(module: nn.Module, mode: bool) -> None:
             m.train(mode)
 
 
-def _as_config(cls: type, value: Any) -> Any:
-    """Config dataclasses may arrive as mappings (YAML, checkpoints' hparams)."""
-    return value if isinstance(value, cls) else cls(**(value or {}))
-
-
 class SNNetModule(L.LightningModule):
-    """Trains a :class:`~snnet.network.StitchableNetwork` (one stitch per step) and scores every stitch."""
+    """Trains a :class:`~snnet.sn_net.network.StitchableNetwork` (one stitch per step) and scores every stitch."""
 
     def __init__(
         self,
@@ -146,16 +135,16 @@ class SNNetModule(L.LightningModule):
         predict: StitchChoice = StitchChoice(),
     ) -> None:
         super().__init__()
-        network = _as_config(NetworkConfig, network)
-        self.optim_cfg = _as_config(OptimConfig, optim)
-        self.distill_cfg = _as_config(DistillConfig, distill)
-        self.loss_cfg = _as_config(LossConfig, loss)
-        self.init_cfg = _as_config(StitchInitConfig, stitch_init)
-        self.bn_cfg = _as_config(BatchNormCalibrationConfig, bn_calibration)
+        network = as_config(NetworkConfig, network)
+        self.optim_cfg = as_config(OptimConfig, optim)
+        self.distill_cfg = as_config(DistillConfig, distill)
+        self.loss_cfg = as_config(LossConfig, loss)
+        self.init_cfg = as_config(StitchInitConfig, stitch_init)
+        self.bn_cfg = as_config(BatchNormCalibrationConfig, bn_calibration)
         if self.bn_cfg.images < 0 or self.bn_cfg.batch_size < 1:
             raise ValueError(f"bn_calibration needs images >= 0 (0: off) and batch_size >= 1, got {self.bn_cfg}")
         self.seed = seed
-        self.predict_choice = _as_config(StitchChoice, predict)
+        self.predict_choice = as_config(StitchChoice, predict)
         # plain mappings, so checkpoints load with weights_only=True
         self.save_hyperparameters({
             "network": asdict(network), "optim": asdict(self.optim_cfg), "distill": asdict(self.distill_cfg),

@@ -11,11 +11,18 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from snnet.batchnorm import BatchNormBank, batchnorms
 from snnet.families import AnchorView, anchor_view
 from snnet.lstsq import AffineLstsq
-from snnet.profile import AnchorProfile, count_flops, num_params, profile_anchor
-from snnet.stitch_configs import AnchorDepths, LayerSpec, StitchConfig, config_name, generate_stitch_configs
+from snnet.prefix_tree import PrefixTree
+from snnet.profiling import AnchorProfile, count_flops, num_params, profile_anchor
+from snnet.sn_net.batchnorm import BatchNormBank, batchnorms
+from snnet.sn_net.stitch_configs import (
+    AnchorDepths,
+    LayerSpec,
+    StitchConfig,
+    config_name,
+    generate_stitch_configs,
+)
 from snnet.stitching import StitchingLayer, channels_last
 
 log = logging.getLogger(__name__)
@@ -94,7 +101,7 @@ class StitchableNetwork(nn.Module):
                 steps[prefix] = self._step(prefix)
             return steps[prefix]
 
-        self._prefix_tree = _PrefixTree(keys, step_of)
+        self._prefix_tree = PrefixTree(keys, step_of)
         self.bn_bank.finish()
         self._paths = [_Path(fns[0], fns[1:-1], fns[-1]) for fns in self._prefix_tree.path_steps]
         self.stitch_id = 0
@@ -208,17 +215,17 @@ class StitchableNetwork(nn.Module):
     def num_anchors(self) -> int:
         return len(self.anchors)
 
-    def _check_id(self, stitch: int) -> int:
+    def check_id(self, stitch: int) -> int:
         if not 0 <= stitch < len(self.configs):
             raise IndexError(f"stitch id {stitch} out of range: valid ids are 0..{len(self.configs) - 1}")
         return stitch
 
     def set_stitch(self, stitch: int) -> None:
         """Make ``stitch`` the active configuration (no re-instantiation, no allocation)."""
-        self.stitch_id = self._check_id(stitch)
+        self.stitch_id = self.check_id(stitch)
 
     def forward(self, x: Tensor, stitch: int | None = None) -> Tensor:
-        path = self._paths[self.stitch_id if stitch is None else self._check_id(stitch)]
+        path = self._paths[self.stitch_id if stitch is None else self.check_id(stitch)]
         x = path.stem(x)
         for module in path.modules:
             x = module(x)
@@ -231,7 +238,7 @@ class StitchableNetwork(nn.Module):
         the saving is every stem, block and stitching layer that several paths share (a front
         anchor up to block j is computed once for all its stitches, anchors come for free).
         """
-        return self._prefix_tree.run(x, [self._check_id(s) for s in stitches])
+        return self._prefix_tree.run(x, [self.check_id(s) for s in stitches])
 
     def forward_rows(self, x: Tensor, stitches: Sequence[int]) -> Tensor:
         """Row ``r`` of ``x`` through configuration ``stitches[r]``, for serving a batch whose requests
@@ -239,12 +246,12 @@ class StitchableNetwork(nn.Module):
         it (a mixed batch costs no more than its rows' own paths, their common prefixes counted once)."""
         if len(stitches) != x.shape[0]:
             raise ValueError(f"got {len(stitches)} stitch ids for a batch of {x.shape[0]} rows")
-        return self._prefix_tree.run_rows(x, [self._check_id(s) for s in stitches])
+        return self._prefix_tree.run_rows(x, [self.check_id(s) for s in stitches])
 
     def forward_many_flops(self, stitches: Sequence[int]) -> int:
         """FLOPs per image of ``forward_many(x, stitches)``: every distinct prefix step counted once
         (one stitch at a time costs ``sum(self.infos[s].flops)``)."""
-        steps = self._prefix_tree.steps([self._check_id(s) for s in stitches])
+        steps = self._prefix_tree.steps([self.check_id(s) for s in stitches])
         layer_flops = {key[1]: self._layer_flops(key[1]) for key in steps if key[0] == "layer"}
         return sum(self._key_flops(key, layer_flops) for key in steps)
 
@@ -350,7 +357,7 @@ class StitchableNetwork(nn.Module):
     def path_statistics(self, stitch: int) -> Iterator[None]:
         """Inside the block, the BatchNorm layers on ``stitch``'s path hold its calibrated statistics
         as their own buffers (for export: a copy made here normalises as the path does)."""
-        keys = self._prefix_tree.paths[self._check_id(stitch)]
+        keys = self._prefix_tree.paths[self.check_id(stitch)]
         slots = [self._slots[keys[:n]] for n in range(1, len(keys) + 1) if keys[:n] in self._slots]
         with ExitStack() as stack:
             for slot in slots:
@@ -361,7 +368,7 @@ class StitchableNetwork(nn.Module):
     def path_parameters(self, stitch: int) -> list[nn.Parameter]:
         """The parameters configuration ``stitch`` uses (first anchor's stem, blocks, stitching
         layers, last anchor's head), each once: what training that sub-network alone would update."""
-        config = self.configs[self._check_id(stitch)]
+        config = self.configs[self.check_id(stitch)]
         first, last = self.views[config.anchors[0]], self.views[config.anchors[-1]]
         not_stem = {id(p) for m in [*first.blocks, *first.head_modules] for p in m.parameters()}
         params = {id(p): p for p in first.model.parameters() if id(p) not in not_stem}
@@ -382,65 +389,6 @@ class StitchableNetwork(nn.Module):
 
     def table(self) -> list[StitchInfo]:
         return list(self.infos)
-
-
-class _PrefixTree:
-    """A trie of configuration paths; evaluating a set of paths walks it depth first, holding one
-    activation per tree level (memory grows with depth, not with the number of paths).
-    ``step_of(prefix)`` is the step that ends ``prefix`` (a step's BatchNorm statistics depend on
-    the whole path before it), resolved once per path position here, not per call."""
-
-    def __init__(self, paths: list[tuple[tuple, ...]], step_of: Callable[[tuple], Callable[[Tensor], Tensor]]) -> None:
-        self.paths = paths
-        self.path_steps = [[step_of(path[:n]) for n in range(1, len(path) + 1)] for path in paths]
-
-    def run(self, x: Tensor, ids: Sequence[int]) -> dict[int, Tensor]:
-        root: dict = {}
-        for i in ids:
-            node = root
-            for key, step in zip(self.paths[i], self.path_steps[i]):
-                node = node.setdefault(key, (step, {}))[1]
-            node.setdefault(None, []).append(i)
-        out: dict[int, Tensor] = {}
-        self._walk(root, x, out)
-        return out
-
-    def run_rows(self, x: Tensor, ids: Sequence[int]) -> Tensor:
-        """Row r through path ids[r]; a trie node runs once on the rows of every path below it."""
-        root: dict = {}
-        for row, i in enumerate(ids):
-            children = root
-            for key, step in zip(self.paths[i], self.path_steps[i]):
-                _, rows, children = children.setdefault(key, (step, [], {}))
-                rows.append(row)
-        out: list[Tensor] = []
-        self._walk_rows(root, x, list(range(len(ids))), out, len(ids))
-        return out[0]
-
-    def _walk_rows(self, children: dict, h: Tensor, rows_h: list[int], out: list[Tensor], n: int) -> None:
-        position = {r: p for p, r in enumerate(rows_h)}
-        for step, rows, grandchildren in children.values():
-            part = h if len(rows) == len(rows_h) else h[torch.tensor([position[r] for r in rows], device=h.device)]
-            y = step(part)
-            if grandchildren:
-                self._walk_rows(grandchildren, y, rows, out, n)
-                continue
-            if not out:  # a path's last step (the head): scatter its rows into the batch output
-                out.append(y.new_empty((n, *y.shape[1:])))
-            out[0][torch.tensor(rows, device=y.device)] = y
-
-    def steps(self, ids: Sequence[int]) -> list[tuple]:
-        """The last key of every distinct prefix of these paths: the steps ``run`` computes."""
-        prefixes = {self.paths[i][:n] for i in ids for n in range(1, len(self.paths[i]) + 1)}
-        return [prefix[-1] for prefix in prefixes]
-
-    def _walk(self, node: dict, h: Tensor, out: dict[int, Tensor]) -> None:
-        for key, entry in node.items():
-            if key is None:
-                out.update(dict.fromkeys(entry, h))
-            else:
-                step, child = entry
-                self._walk(child, step(h), out)
 
 
 def _unique(names: list[str]) -> list[str]:

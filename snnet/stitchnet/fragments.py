@@ -33,8 +33,8 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from snnet.families import AnchorView, Layout, anchor_view
-from snnet.profile import count_flops, default_input_size, num_params, profile_anchor
+from snnet.families import AnchorView, Layout, anchor_view, default_input_size
+from snnet.profiling import count_flops, num_params, profile_anchor
 
 log = logging.getLogger(__name__)
 

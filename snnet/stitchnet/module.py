@@ -35,7 +35,7 @@ Where we depart from the paper, and why:
   so a cap is needed.
 * No SGD clean-up of the bridges after the least-squares fit (the paper's code runs one epoch at
   lr 1e-6): composition stays backpropagation-free.
-* New tasks get a closed-form head (:mod:`snnet.heads`, ridge by default) instead of KNN on
+* New tasks get a closed-form head (:mod:`snnet.stitchnet.heads`, ridge by default) instead of KNN on
   the 1000-d outputs.
 """
 from __future__ import annotations
@@ -59,16 +59,24 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from snnet.cka import ReferenceFeatures
-from snnet.evaluate import StitchScores
-from snnet.fragments import (
-    Fragment, FragmentPool, Granularity, PoolActivations, Steps, build_fragment_pool, pool_activations, run_batched,
-)
-from snnet.heads import HEADS, fit_head
+from snnet.config import as_config
 from snnet.lstsq import AffineLstsq
-from snnet.network import _PrefixTree
-from snnet.profile import count_flops
+from snnet.metrics import StitchScores
+from snnet.prefix_tree import PrefixTree
+from snnet.profiling import count_flops
 from snnet.results import StitchResult
 from snnet.stitching import StitchingLayer, channels_last, from_channels_last
+from snnet.stitchnet.fragments import (
+    Fragment,
+    FragmentPool,
+    Granularity,
+    PoolActivations,
+    Steps,
+    build_fragment_pool,
+    pool_activations,
+    run_batched,
+)
+from snnet.stitchnet.heads import HEADS, fit_head
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +91,7 @@ class ComposeConfig:
     ones); null explores the whole tree. ``cka_rows``: rows (sample x position) drawn once at random
     for each CKA, null for all; bridges are always fitted on all rows. ``head``: ``original`` (the
     last fragment's classifier; with a class subset, its logits of those classes), ``ridge`` or
-    ``class_means`` (closed form from the samples, see :mod:`snnet.heads`), or ``auto`` (original
+    ``class_means`` (closed form from the samples, see :mod:`snnet.stitchnet.heads`), or ``auto`` (original
     when the task's classes are the pool's, else ridge). ``memory_mb``: activations of partial
     networks kept during the search (least recently used ones are recomputed when needed).
     """
@@ -446,7 +454,7 @@ class Composition(nn.Module):
         self.candidates, self.stats, self.head, self.num_classes = candidates, stats, head, num_classes
         self.owned = nn.ModuleList(owned)
         self._steps = steps
-        self._tree = _PrefixTree([c.keys for c in candidates], self._step_ending)
+        self._tree = PrefixTree([c.keys for c in candidates], self._step_ending)
 
     def _step_ending(self, prefix: tuple) -> Callable[[Tensor], Tensor]:
         return self._steps[prefix[-1]]  # a fragment runs the same whatever came before it
@@ -710,11 +718,6 @@ def build_pool(cfg: PoolConfig) -> FragmentPool:
     return build_fragment_pool(models, cfg.granularity, cfg.input_size)
 
 
-def _as(cls: type, value: Any) -> Any:
-    """Config dataclasses may arrive as mappings (YAML, checkpoints' hparams)."""
-    return value if isinstance(value, cls) else cls(**(value or {}))
-
-
 class StitchNetModule(L.LightningModule):
     """StitchNet as a zero-epoch Lightning run (``trainer.max_epochs: 0``): the networks are
     composed in ``setup`` from ``samples`` un-augmented training images of the datamodule (its
@@ -725,7 +728,7 @@ class StitchNetModule(L.LightningModule):
     def __init__(self, pool: PoolConfig, compose: ComposeConfig = ComposeConfig(), samples: int = 32,
                  cache: bool = True, out_dir: str | None = None) -> None:
         super().__init__()
-        self.pool_cfg, self.compose_cfg = _as(PoolConfig, pool), _as(ComposeConfig, compose)
+        self.pool_cfg, self.compose_cfg = as_config(PoolConfig, pool), as_config(ComposeConfig, compose)
         if samples < 2:
             raise ValueError(f"samples must be >= 2 (CKA and the bridges are fitted on them), got {samples}")
         self.samples, self.cache, self.out_dir = samples, cache, out_dir
