@@ -39,7 +39,7 @@ MOVED_MODULES: dict[str, str] = {
 """Old module -> new module."""
 
 SPLIT_MODULES: dict[str, tuple[str, ...]] = {
-    "snnet.stitchnet": ("snnet.stitchnet.module",),
+    "snnet.stitchnet": ("snnet.stitchnet.composition", "snnet.stitchnet.search", "snnet.stitchnet.bridges", "snnet.stitchnet.module"),
 }
 """An old module that became a package of the same name -> the modules its names went to."""
 

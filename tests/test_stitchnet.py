@@ -14,12 +14,13 @@ import torch.nn as nn
 import snnet.models  # noqa: F401  (registers cifar_resnet*)
 from snnet.data import DigitsDataModule
 from snnet.families import anchor_view
+from snnet.profiling import num_params, profile_anchor
+from snnet.stitchnet.bridges import make_bridge
+from snnet.stitchnet.composition import compose, evaluate
 from snnet.stitchnet.fragments import build_fragment_pool, pool_activations
 from snnet.stitchnet.heads import class_means_head, ridge_head
-from snnet.profiling import num_params, profile_anchor
-from snnet.stitchnet.module import (
-    ComposeConfig, NoCompositionError, PoolConfig, StitchNetModule, compose, evaluate, make_bridge,
-)
+from snnet.stitchnet.module import PoolConfig, StitchNetModule
+from snnet.stitchnet.search import ComposeConfig, NoCompositionError
 
 SIZE = (3, 16, 16)
 
@@ -389,7 +390,7 @@ def test_paper_pool_of_five_torchvision_architectures_composes_mixed_networks_ex
     fragments run by hand with bridges refitted by least squares from the same samples."""
     import torchvision
 
-    from snnet.stitchnet.module import fit_bridge, in_spec, out_spec
+    from snnet.stitchnet.bridges import fit_bridge, in_spec, out_spec
 
     torch.manual_seed(0)
     models = {name: torchvision.models.get_model(name, weights=None).eval() for name in PAPER_POOL}

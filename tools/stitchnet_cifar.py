@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from snnet.data import CIFAR10JPEGDataModule  # noqa: E402
 from snnet.stitchnet.fragments import pool_activations  # noqa: E402
 from snnet.models.cifar_resnet import pretrained_checkpoints  # noqa: E402
-from snnet.stitchnet.module import ComposeConfig, PoolConfig, build_pool, compose, evaluate, print_candidates, save_candidates  # noqa: E402
+from snnet.stitchnet.composition import compose, evaluate, print_candidates, save_candidates  # noqa: E402
+from snnet.stitchnet.module import PoolConfig, build_pool  # noqa: E402
+from snnet.stitchnet.search import ComposeConfig  # noqa: E402
 
 
 

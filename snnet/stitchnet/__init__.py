@@ -1,6 +1,6 @@
 """StitchNet, the zero-epoch path: fragments of a pool of pretrained models (``fragments``) composed
 by a CKA-guided search (``search``), bridged by least squares (``bridges``), assembled into candidate
-networks (``compose``) and run as a LightningModule (``module``); classifier heads fitted in closed
+networks (``composition``) and run as a LightningModule (``module``); classifier heads fitted in closed
 form (``heads``)."""
 from typing import Any
 
