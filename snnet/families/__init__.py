@@ -17,10 +17,11 @@ from snnet.families.generic import (
     copy_with_view,
     discover_blocks,
     generic_view,
+    infer_layout,
 )
 
 __all__ = [
     "LAYOUTS", "AnchorView", "Layout", "ProbeError", "SplitError", "anchor_view", "check_view", "copy_with_view", "default_input_size",
-    "discover_blocks", "generic_view",
+    "discover_blocks", "generic_view", "infer_layout",
     "register_family", "registered_adapter", "supported_families",
 ]

@@ -347,8 +347,9 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
         return (3, 224, 224)
 
 
-def _layout(shape: tuple[int, ...], prefix_attr: int | None) -> tuple[Layout, int]:
-    """Layout and prefix-token count of one activation shape (without batch)."""
+def infer_layout(shape: tuple[int, ...], prefix_attr: int | None = None) -> tuple[Layout, int]:
+    """Layout and prefix-token count of one activation shape (without batch): the one rule every
+    method uses (a (H, W, C) map with H == W != C is nhwc; tokens keep the prefix that leaves a square grid)."""
     if len(shape) == 1:
         return "vector", 0
     if len(shape) == 2:  # prefix tokens: those that leave a square grid (the model's count, or none, where it says)
@@ -512,7 +513,7 @@ def _describe(model: nn.Module, stem: nn.Module, units: list[nn.Module], head: n
     prefix_attr = getattr(model, "num_prefix_tokens", None)
     prefix_attr = prefix_attr if isinstance(prefix_attr, int) else None
     try:
-        points = [_layout(s, prefix_attr) for s in shapes]
+        points = [infer_layout(s, prefix_attr) for s in shapes]
     except ValueError as err:
         raise SplitError(model, str(err)) from None
     blocks = points[1:]

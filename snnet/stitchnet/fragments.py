@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from snnet.families import AnchorView, Layout, anchor_view, default_input_size
+from snnet.families import AnchorView, Layout, anchor_view, default_input_size, infer_layout
 from snnet.profiling import count_flops, num_params, profile_anchor
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,6 @@ class FragmentPool:
 
 
 # --- building the pool ------------------------------------------------------------------------
-def _layout_of(shape: tuple[int, ...]) -> Layout:
-    kinds = {3: "nchw", 2: "tokens", 1: "vector"}
-    if len(shape) not in kinds:
-        raise ValueError(f"cannot infer the layout of an activation of shape {shape} (without batch)")
-    return kinds[len(shape)]  # type: ignore[return-value]
-
-
 def _classifier_of(model: nn.Module, view: AnchorView) -> nn.Module:
     """timm's ``get_classifier()``; else (torchvision, your own models) the last Linear in the head."""
     get = getattr(model, "get_classifier", None)
@@ -249,7 +242,7 @@ def _layer_fragments(name: str, model: nn.Module, input_size: tuple[int, int, in
             module = body
         fragments.append(Fragment(
             source=name, position=k, granularity="layer", module=module,
-            in_layout=_layout_of(in_shape), in_shape=in_shape, out_layout=_layout_of(tuple(y.shape[1:])),
+            in_layout=infer_layout(in_shape)[0], in_shape=in_shape, out_layout=infer_layout(tuple(y.shape[1:]))[0],
             out_shape=tuple(y.shape[1:]), takes_input=k == 0, produces_output=last, params=num_params(group), flops=flops,
             first_op=None if (k == 0 or last or cuts[k] != bounds[k]) else first, rest=list(group[1:]),
         ))
