@@ -1,6 +1,7 @@
-"""The README and the docs pages link only to files that exist, and the README stays one read long.
-(`mkdocs build --strict` in CI checks the site's links and anchors; this checks the files as GitHub
-shows them, README included, without mkdocs installed.)"""
+"""The README and the docs pages link only to files that exist, name only modules and names that
+exist, and the README stays one read long. (`mkdocs build --strict` in CI checks the site's links and
+anchors; this checks the files as GitHub shows them, README included, without mkdocs installed.)"""
+import ast
 import re
 from pathlib import Path
 
@@ -56,3 +57,65 @@ def test_every_relative_link_points_to_an_existing_file(page):
 def test_readme_stays_within_one_read():
     lines = (ROOT / "README.md").read_text().count("\n")
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail into docs/ (limit {README_MAX_LINES})"
+
+
+SNNET = ROOT / "snnet"
+IMPORT = re.compile(r"^\s*from (snnet(?:\.\w+)*) import ([\w, ]+)$", re.M)
+DOTTED = re.compile(r"`(snnet(?:\.\w+)+)[`(]")
+SOURCE_PATH = re.compile(r"`(snnet/[\w/]+(?:\.py)?)`")
+
+
+def module_file(dotted: str) -> Path | None:
+    base = ROOT.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def top_level_names(path: Path) -> set[str]:
+    """What `from module import name` can find without running the module: its definitions, imports,
+    `__all__` (for lazy `__getattr__` packages) and, for a package, its submodules."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and node.value is not None:
+                names |= {c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    if path.name == "__init__.py":
+        names |= {p.stem for p in path.parent.glob("*.py")} | {p.name for p in path.parent.iterdir() if (p / "__init__.py").exists()}
+    return names
+
+
+def unresolved(dotted: str, names: list[str]) -> list[str]:
+    """`names` that `dotted` (a module, or a module followed by attributes) does not define."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        path = module_file(".".join(parts[:cut]))
+        if path is not None:
+            wanted = parts[cut:cut + 1] + names
+            return [n for n in wanted if n not in top_level_names(path)]
+    return [dotted]
+
+
+def test_reference_checker_tells_real_names_from_made_up_ones():
+    assert unresolved("snnet.errors", []) == [] and unresolved("snnet.nonexistent", []) == ["snnet.nonexistent"]
+    defined = sorted(top_level_names(SNNET / "errors.py") - {"__all__"})[0]
+    assert unresolved("snnet.errors", [defined, "made_up_name"]) == ["made_up_name"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_snnet_module_and_name_the_page_mentions_exists(page):
+    text = page.read_text()
+    missing = []
+    for module, names in IMPORT.findall(text):
+        missing += [f"from {module} import {n}" for n in unresolved(module, [n.strip() for n in names.split(",") if n.strip()])]
+    for dotted in DOTTED.findall(text):
+        missing += [f"{dotted} ({n})" for n in unresolved(dotted, [])]
+    missing += [p for p in SOURCE_PATH.findall(text) if not (ROOT / p).exists()]
+    assert not missing, f"{page.relative_to(ROOT)} names what snnet/ does not have: {missing}"
