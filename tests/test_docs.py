@@ -75,9 +75,14 @@ def module_file(dotted: str) -> Path | None:
 
 def top_level_names(path: Path) -> set[str]:
     """What `from module import name` can find without running the module: its definitions, imports,
-    `__all__` (for lazy `__getattr__` packages) and, for a package, its submodules."""
+    `__all__`, the string keys of its tables if it serves names lazily (a module `__getattr__`, as
+    `snnet/__init__.py` does) and, for a package, its submodules."""
     names: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
+    body = ast.parse(path.read_text()).body
+    if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in body):
+        names |= {k.value for n in body if isinstance(n, (ast.Assign, ast.AnnAssign)) and isinstance(n.value, ast.Dict)
+                  for k in n.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -104,7 +109,7 @@ def unresolved(dotted: str, names: list[str]) -> list[str]:
 
 
 def test_reference_checker_tells_real_names_from_made_up_ones():
-    assert unresolved("snnet.errors", []) == [] and unresolved("snnet.nonexistent", []) == ["snnet.nonexistent"]
+    assert unresolved("snnet.errors", []) == [] and unresolved("snnet.nonexistent", []) == ["nonexistent"]
     defined = sorted(top_level_names(SNNET / "errors.py") - {"__all__"})[0]
     assert unresolved("snnet.errors", [defined, "made_up_name"]) == ["made_up_name"]
 
@@ -119,3 +124,12 @@ def test_every_snnet_module_and_name_the_page_mentions_exists(page):
         missing += [f"{dotted} ({n})" for n in unresolved(dotted, [])]
     missing += [p for p in SOURCE_PATH.findall(text) if not (ROOT / p).exists()]
     assert not missing, f"{page.relative_to(ROOT)} names what snnet/ does not have: {missing}"
+
+
+def test_the_api_page_lists_exactly_the_public_api():
+    """docs/api/index.md's table of `snnet`'s public names is the `PUBLIC` table of snnet/__init__.py."""
+    init = ast.parse((SNNET / "__init__.py").read_text())
+    public = next(n.value for n in init.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "PUBLIC")
+    expected = {(k.value, f"{v.value}.{k.value}") for k, v in zip(public.keys, public.values)}
+    listed = set(re.findall(r"^\| `(\w+)` \| `([\w.]+)` \|$", (ROOT / "docs" / "api" / "index.md").read_text(), re.M))
+    assert listed == expected, f"docs/api/index.md lists {sorted(listed - expected)} but not {sorted(expected - listed)}"
