@@ -133,3 +133,12 @@ def test_the_api_page_lists_exactly_the_public_api():
     expected = {(k.value, f"{v.value}.{k.value}") for k, v in zip(public.keys, public.values)}
     listed = set(re.findall(r"^\| `(\w+)` \| `([\w.]+)` \|$", (ROOT / "docs" / "api" / "index.md").read_text(), re.M))
     assert listed == expected, f"docs/api/index.md lists {sorted(listed - expected)} but not {sorted(expected - listed)}"
+
+
+def test_configs_readme_covers_every_config():
+    """configs/README.md has a row for every ready config: what it trains, its figures or "not measured"."""
+    readme = (ROOT / "configs" / "README.md").read_text()
+    rows = set(re.findall(r"^\| `([\w.-]+\.yaml)` \|", readme, re.M))
+    assert rows == {p.name for p in (ROOT / "configs").glob("*.yaml")}
+    sections = " ".join(re.findall(r"^## (.+)$", readme, re.M))
+    assert all(f"`{name}`" in sections for name in rows), sections
