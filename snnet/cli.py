@@ -1,21 +1,25 @@
 """``snnet``: LightningCLI's fit/validate/test/predict plus the project's own subcommands.
 
-The Lightning subcommands go to :class:`SNNetCLI` untouched; the others are thin argparse front
-ends over library functions (``snnet.commands``).
+The Lightning subcommands go to :class:`SNNetCLI`; the others are thin front ends over library
+functions (``snnet.commands``). All parse with jsonargparse (:mod:`snnet.arguments`), and
+:func:`main` is the one place that turns a bad input or a fault (:data:`snnet.errors.USER_ERRORS`)
+into one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Sequence
 
 from lightning import LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from snnet.arguments import argument_line
 from snnet.checkpoint_io import AtomicCheckpointIO, read_checkpoint
-from snnet.errors import BadFileError
+from snnet.errors import USER_ERRORS, UsageError, one_line
 
 LIGHTNING_COMMANDS = {
     "fit": "Train all stitches jointly (least-squares init at start).",
@@ -32,6 +36,15 @@ class SNNetCLI(LightningCLI):
     The model is chosen by ``model.class_path`` in the config (``snnet.sn_net.module.SNNetModule`` for
     SN-Net, other snnet modules for the other methods); each exposes ``data_config``.
     """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's parse; a bad option or config key is one line (:func:`snnet.arguments.argument_line`)."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            words = sys.argv[1:] if args is None else list(args)
+            command = next((w for w in words if w in self._subcommand_parsers), None)
+            raise UsageError(argument_line(self._subcommand_parsers.get(command, parser), str(e))) from e
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.data_config", "data.init_args.data_config", apply_on="instantiate")
@@ -61,7 +74,9 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> SNNetCLI:
         args=None if args is None else list(args),
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
+        # parse errors raise (one line from main) instead of printing usage and exiting
+        parser_kwargs={"default_env": False, "exit_on_error": False,
+                       **{name: {"exit_on_error": False} for name in LIGHTNING_COMMANDS}},
     )
 
 
@@ -86,19 +101,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     from snnet.commands import COMMANDS
 
     command = argv[0]
-    if command in LIGHTNING_COMMANDS:
-        try:
+    try:
+        if command in LIGHTNING_COMMANDS:
             build_cli(None if from_command_line else argv)
-        except BadFileError as e:  # a broken checkpoint or results file: one line, not a traceback
-            print(f"snnet {command}: {e}", file=sys.stderr)
-            raise SystemExit(2) from e
-    elif command in COMMANDS:
-        COMMANDS[command][0](argv[1:])
-    else:
-        valid = ", ".join([*LIGHTNING_COMMANDS, *COMMANDS])
-        print(f"snnet: unknown command {command!r}; choose one of: {valid}\n\n{usage()}", file=sys.stderr)
-        raise SystemExit(2)
-
+        elif command in COMMANDS:
+            COMMANDS[command][0](argv[1:])
+        else:
+            valid = ", ".join([*LIGHTNING_COMMANDS, *COMMANDS])
+            print(f"snnet: unknown command {command!r}; choose one of: {valid}\n\n{usage()}", file=sys.stderr)
+            raise SystemExit(2)
+    except USER_ERRORS as e:  # the one error path: a bad input or a fault is one line, not a traceback
+        name = " ".join(argv[:2]) if command == "bench" and argv[1:2] and not argv[1].startswith("-") else command
+        print(f"snnet {name}: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from e
 
 if __name__ == "__main__":
     main()
