@@ -94,6 +94,36 @@ def state_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit:
     return "; ".join(parts) or None
 
 
+# the network config keys that define the network's structure (not where its weights come from)
+NETWORK_KEYS: tuple[str, ...] = ("anchors", "model_kwargs", "kernel_size", "stride", "nearest", "stitch_stages",
+                                 "input_size", "two_way", "stitch_lora_rank")
+WEIGHT_SOURCES = ("checkpoint", "pretrained")  # per-anchor mapping entries that only say where weights come from
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists and anchor mappings without their weight source, to compare a YAML config with saved hyper-parameters."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k not in WEIGHT_SOURCES}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def network_mismatch(config: dict[str, Any], hparams: dict[str, Any]) -> str | None:
+    """How the checkpoint's hyper-parameters describe another network than a model config
+    (``class_path`` plus init args), or None: another module class, other anchors or stitch space."""
+    saved_class = hparams.get("_class_path")
+    if saved_class and config.get("class_path") and saved_class != config["class_path"]:
+        return f"its model is {saved_class}, the config's {config['class_path']}"
+    ours, theirs = config.get("network"), hparams.get("network")
+    if not isinstance(ours, dict) or not isinstance(theirs, dict):
+        return None
+    for key in NETWORK_KEYS:
+        if key in ours and key in theirs and _plain(ours[key]) != _plain(theirs[key]):
+            return f"network.{key} is {_plain(theirs[key])} in the checkpoint, {_plain(ours[key])} in the config"
+    return None
+
+
 def check_fits(module: torch.nn.Module, checkpoint: dict[str, Any], path: str | os.PathLike | None) -> None:
     """A :class:`CheckpointError` if the checkpoint's weights are not those of ``module``'s architecture."""
     mismatch = state_mismatch(module.state_dict(), checkpoint.get("state_dict", {}))

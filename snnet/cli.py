@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from snnet.arguments import argument_line
-from snnet.checkpoint_io import AtomicCheckpointIO, read_checkpoint
+from snnet.checkpoint_io import AtomicCheckpointIO, CheckpointError, network_mismatch, read_checkpoint
 from snnet.errors import USER_ERRORS, UsageError, one_line
 
 LIGHTNING_COMMANDS = {
@@ -27,6 +27,8 @@ LIGHTNING_COMMANDS = {
     "test": "Score every stitch on the test set.",
     "predict": "Predict class probabilities with one stitch: model.init_args.predict.stitch, or a budget (predict.max_gflops ... with predict.results).",
 }
+
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # --ckpt_path values the trainer resolves itself
 
 
 class SNNetCLI(LightningCLI):
@@ -50,11 +52,25 @@ class SNNetCLI(LightningCLI):
         parser.link_arguments("model.data_config", "data.init_args.data_config", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a --ckpt_path file's hyper-parameters first: check it before torch.load does
+        # LightningCLI replaces the config's model by the --ckpt_path checkpoint's hyper-parameters:
+        # check the file and that it holds the config's network before anything runs or is written
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path)
+        if ckpt_path and not (ckpt_path in LIGHTNING_CKPT_NAMES or str(ckpt_path).startswith("registry")):
+            path = Path(ckpt_path)
+            if path.is_dir():
+                found = sorted(path.rglob("*.ckpt"))
+                hint = f" (it holds {len(found)}: {', '.join(str(p) for p in found[:3])})" if found else " (it holds no *.ckpt)"
+                raise IsADirectoryError(f"--ckpt_path {path} is a folder: give one checkpoint file{hint} or 'last'")
+            checkpoint = read_checkpoint(path)  # names a missing or unreadable file
+            model = self.config[subcommand].get("model")
+            if model is not None:
+                init_args = model.get("init_args")
+                config = {"class_path": model.get("class_path"), **(init_args.as_dict() if init_args is not None else {})}
+                mismatch = network_mismatch(config, checkpoint.get("hyper_parameters") or {})
+                if mismatch:
+                    raise CheckpointError(f"--ckpt_path {path} holds another network than the config: {mismatch}; "
+                                          "give the config this checkpoint was trained with, or a checkpoint of this config")
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

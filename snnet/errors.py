@@ -33,6 +33,10 @@ class UsageError(SNNetError, ValueError):
     """A command line or config that does not parse: an unknown key, a value of the wrong type."""
 
 
+class StitchIdError(SNNetError, IndexError):
+    """A configuration id outside the network's range; the message gives the valid ids."""
+
+
 class WriteError(SNNetError, OSError):
     """A place snnet could not write to (full disk, no permission); the message names it and the OS error."""
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from snnet.results import StitchResult
+from snnet.results import StitchResult, check_budgets
 from snnet.sn_net.choice import StitchChoice
 from snnet.sn_net.network import StitchInfo
 
@@ -91,9 +91,10 @@ def read_choice(fields: Mapping[str, Any], metric: str = "acc1") -> StitchChoice
     if unknown:
         raise RequestError(400, f"unknown fields {unknown}; valid fields: {list(FIELDS)}")
     budgets = {key: _number(fields, key, float) for key in BUDGETS}
-    for key, value in budgets.items():
-        if value is not None and value <= 0:
-            raise RequestError(422, f"{key} must be positive, got {value:g}")
+    try:
+        check_budgets(budgets)  # the same check as `snnet select`
+    except ValueError as e:
+        raise RequestError(422, str(e)) from None
     return StitchChoice(stitch=_number(fields, "stitch", int), metric=metric, **budgets)
 
 
