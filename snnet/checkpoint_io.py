@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
-from snnet.errors import BadFileError
+from snnet.errors import BadFileError, WriteError
 
 PARTIAL = ".partial"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
@@ -131,6 +131,35 @@ def check_fits(module: torch.nn.Module, checkpoint: dict[str, Any], path: str | 
         raise CheckpointError(f"checkpoint {path}: written for another architecture than the config's ({mismatch})")
 
 
+def load_anchor_weights(model: torch.nn.Module, path: str | os.PathLike, name: str, use_ema: bool = False) -> torch.nn.Module:
+    """Load an anchor's weight file (.safetensors or torch; ``state_dict``/``model`` wrappers unwrapped,
+    EMA weights preferred with ``use_ema`` as timm does) into ``model``; a file that is unreadable or
+    does not fit raises :class:`CheckpointError` naming the file, the anchor and the first mismatched tensors."""
+    from timm.models import load_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint for anchor {name!r} not found: {path}")
+    try:
+        state = load_state_dict(str(path), use_ema=use_ema)
+    except Exception as e:  # safetensors, pickle and zip errors differ by the damage
+        message = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        raise CheckpointError(f"checkpoint {path} of anchor {name!r}: unreadable ({type(e).__name__}: {message})") from e
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path} does not fit anchor {name!r}: {mismatch}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's reason for a failed write (``No space left on device``), also where torch wraps it."""
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to ``<path>.partial``, fsyncs, renames over ``path``; reads with :func:`read_checkpoint`.
     Remote (fsspec URL) paths fall back to Lightning's writer."""
@@ -139,12 +168,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + PARTIAL)
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write (ENOSPC) as a RuntimeError
+            partial.unlink(missing_ok=True)  # a partial file would keep the disk full
+            raise WriteError(f"cannot write checkpoint {path.name} in {path.parent}: {_os_reason(e)}"
+                             + (f"; the previous {path.name} is intact" if path.exists() else "")) from e
         os.replace(partial, path)
         directory = os.open(path.parent, os.O_RDONLY)
         try:

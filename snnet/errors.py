@@ -69,7 +69,10 @@ def one_line(error: BaseException) -> str:
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     ours = next((e for e in chain if isinstance(e, SNNetError)), None) or next(
         (e for e in chain if isinstance(e, USER_ERRORS) and _raised_by_snnet(e)), error)
-    return " ".join(str(ours).split()) or type(ours).__name__
+    message = str(ours)
+    if "Original Traceback" in message:  # re-raised from a DataLoader worker: its last line is the error
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(message.split()) or type(ours).__name__
 
 
 def writable_folder(path: str | os.PathLike, what: str) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snnet.results import StitchResult, load_results, select_stitch
+from snnet.results import StitchResult, check_budgets, load_results, select_stitch
 from snnet.sn_net.network import StitchableNetwork
 
 
@@ -23,6 +23,11 @@ class StitchChoice:
     max_latency_ms: float | None = None
     results: str | None = None
     metric: str = "acc1"
+
+    def __post_init__(self) -> None:
+        check_budgets({"max_gflops": self.max_gflops, "max_params": self.max_params, "max_latency_ms": self.max_latency_ms})
+        if self.stitch is not None and self.has_budget:
+            raise ValueError(f"give a stitch id ({self.stitch}) or a budget, not both")
 
     @property
     def has_budget(self) -> bool:
@@ -42,8 +47,6 @@ class StitchChoice:
         The results must name ``net``'s configurations (results of another network would silently
         pick a wrong path).
         """
-        if self.stitch is not None and self.has_budget:
-            raise ValueError(f"give a stitch id ({self.stitch}) or a budget, not both")
         if self.stitch is not None:
             return net.check_id(self.stitch)
         if not self.has_budget:

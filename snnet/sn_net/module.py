@@ -145,6 +145,9 @@ class SNNetModule(L.LightningModule):
             raise ValueError(f"bn_calibration needs images >= 0 (0: off) and batch_size >= 1, got {self.bn_cfg}")
         self.seed = seed
         self.predict_choice = as_config(StitchChoice, predict)
+        if self.predict_choice.has_budget and self.predict_choice.results is None:  # refused before any work
+            raise ValueError("predict: a budget (max_gflops, max_params, max_latency_ms) needs predict.results, "
+                             "a results JSON written by `snnet validate`")
         # plain mappings, so checkpoints load with weights_only=True
         self.save_hyperparameters({
             "network": asdict(network), "optim": asdict(self.optim_cfg), "distill": asdict(self.distill_cfg),
