@@ -78,7 +78,7 @@ def argument_line(parser: ArgumentParser, message: str) -> str:
     if typed and value:  # a value of the wrong type: the key, the types it takes and the value
         kinds = [k for k in re.findall(r"Expected a <class '(\w+)'>", text) if k != "NoneType"]
         return f"{'.'.join([scope, typed['key']]).strip('.')}: expected {' or '.join(dict.fromkeys(kinds)) or 'another value'}, got {value['value'].strip()!r}"
-    return " ".join(text.split())
+    return " ".join(re.sub(r'Parser key "([\w.]+)":', r"\1:", text).split())
 
 
 def new_parser(prog: str, description: str, **kwargs: Any) -> ArgumentParser:

@@ -10,7 +10,9 @@ and moves them, which turns into a non-atomic copy when that folder is on anothe
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -152,11 +154,17 @@ def load_anchor_weights(model: torch.nn.Module, path: str | os.PathLike, name: s
     return model
 
 
-def _os_reason(error: BaseException) -> str:
-    """The operating system's reason for a failed write (``No space left on device``), also where torch wraps it."""
+def _os_reason(error: BaseException, folder: Path) -> str:
+    """The operating system's reason for a failed write (``No space left on device``), also where
+    torch wraps it in a RuntimeError (``unexpected pos ...``) that does not say the disk is full."""
     for e in (error, error.__cause__, error.__context__):
         if isinstance(e, OSError) and e.strerror:
             return e.strerror
+    try:
+        if shutil.disk_usage(folder).free == 0:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
@@ -177,7 +185,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write (ENOSPC) as a RuntimeError
             partial.unlink(missing_ok=True)  # a partial file would keep the disk full
-            raise WriteError(f"cannot write checkpoint {path.name} in {path.parent}: {_os_reason(e)}"
+            raise WriteError(f"cannot write checkpoint {path.name} in {path.parent}: {_os_reason(e, path.parent)}"
                              + (f"; the previous {path.name} is intact" if path.exists() else "")) from e
         os.replace(partial, path)
         directory = os.open(path.parent, os.O_RDONLY)

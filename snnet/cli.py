@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Sequence
 
 from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from snnet.arguments import argument_line
-from snnet.checkpoint_io import AtomicCheckpointIO, CheckpointError, network_mismatch, read_checkpoint
+from snnet.checkpoint_io import AtomicCheckpointIO, CheckpointError, is_complete, network_mismatch, read_checkpoint
 from snnet.errors import USER_ERRORS, UsageError, one_line
 
 LIGHTNING_COMMANDS = {
@@ -45,8 +47,9 @@ class SNNetCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as e:
             words = sys.argv[1:] if args is None else list(args)
-            command = next((w for w in words if w in self._subcommand_parsers), None)
-            raise UsageError(argument_line(self._subcommand_parsers.get(command, parser), str(e))) from e
+            subcommands = getattr(self, "_subcommand_parsers", {})  # none with run=False
+            command = next((w for w in words if w in subcommands), None)
+            raise UsageError(argument_line(subcommands.get(command, parser), str(e))) from e
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.data_config", "data.init_args.data_config", apply_on="instantiate")
@@ -72,6 +75,23 @@ class SNNetCLI(LightningCLI):
                     raise CheckpointError(f"--ckpt_path {path} holds another network than the config: {mismatch}; "
                                           "give the config this checkpoint was trained with, or a checkpoint of this config")
         super()._parse_ckpt_path()
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """``--ckpt_path last`` resumes from the newest complete checkpoint of the run's checkpoint
+        folders: after a kill during a save, a step checkpoint can be newer than ``last.ckpt``, and
+        a file cut off by a non-atomic writer is passed over (with a warning naming it)."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "last":
+            folders = {Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
+                       if isinstance(cb, ModelCheckpoint) and cb.dirpath and Path(cb.dirpath).is_dir()}
+            found = sorted((p for folder in folders for p in folder.glob("*.ckpt")), key=lambda p: p.stat().st_mtime, reverse=True)
+            for path in found:
+                if is_complete(path):
+                    kwargs["ckpt_path"] = str(path)
+                    print(f"snnet {subcommand}: --ckpt_path last: resuming from {path}", file=sys.stderr)
+                    break
+                warnings.warn(f"--ckpt_path last: passing over {path}, an incomplete checkpoint (a save that was cut off)")
+        return kwargs
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, saving checkpoints atomically unless a config gives its own checkpoint IO plugin."""
