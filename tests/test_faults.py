@@ -76,3 +76,12 @@ def test_skip_unreadable_skips_counts_and_names_them(folder_with_bad_images, cap
     assert all(isinstance(image, Image.Image) for image, _ in items)  # the next readable image in their place
     assert items[1][0].getpixel((0, 0)) == (100, 0, 0) and items[5][0].getpixel((0, 0)) == (0, 0, 0)
     assert all(path in caplog.text for path in bad)
+
+
+def test_resume_with_another_max_steps_warns_that_the_schedule_changes():
+    from snnet.optim import schedule_change
+
+    saved = {"total_steps": 240, "warmup_steps": 10, "min_lr": 1e-6}
+    assert schedule_change(saved, dict(saved)) is None and schedule_change(None, saved) is None
+    message = schedule_change(saved, {**saved, "total_steps": 480})
+    assert message.startswith("resuming with another learning-rate schedule than the checkpoint's (total_steps 240 -> 480)")
