@@ -11,6 +11,7 @@ and moves them, which turns into a non-atomic copy when that folder is on anothe
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import shutil
 import zipfile
@@ -111,12 +112,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _resolve(class_path: str) -> object:
+    """The class a path names (old paths redirect to the same class), or the path where it does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+
+
 def network_mismatch(config: dict[str, Any], hparams: dict[str, Any]) -> str | None:
     """How the checkpoint's hyper-parameters describe another network than a model config
     (``class_path`` plus init args), or None: another module class, other anchors or stitch space."""
-    saved_class = hparams.get("_class_path")
-    if saved_class and config.get("class_path") and saved_class != config["class_path"]:
-        return f"its model is {saved_class}, the config's {config['class_path']}"
+    saved_class, config_class = hparams.get("_class_path"), config.get("class_path")
+    if saved_class and config_class and _resolve(saved_class) is not _resolve(config_class):
+        return f"its model is {saved_class}, the config's {config_class}"
     ours, theirs = config.get("network"), hparams.get("network")
     if not isinstance(ours, dict) or not isinstance(theirs, dict):
         return None

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from helpers import tiny_module
 from snnet.checkpoint_io import AtomicCheckpointIO
-from snnet.figures import stitch_result
+from snnet.front import stitch_result
 from snnet.results import save_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def _fit_config(tmp: Path, network: dict, data: dict) -> dict:
         "trainer": {"max_steps": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
                     "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 1,
                     "default_root_dir": str(tmp / "out")},
-        "model": {"class_path": "snnet.module.SNNetModule", "init_args": {
+        "model": {"class_path": "snnet.sn_net.module.SNNetModule", "init_args": {
             "network": network, "optim": {"lr": 0.001, "warmup_steps": 1}, "distill": {"teacher": None},
             "stitch_init": {"images": 8, "batch_size": 8}, "bn_calibration": {"images": 0}}},
         "data": data,
