@@ -35,10 +35,9 @@ def create_anchor(name: str, pretrained: bool = False, checkpoint: str | None = 
     """A timm model by name: hub weights with ``pretrained``, or a local checkpoint (weights_only)."""
     check_model_name(name)
     if checkpoint is not None:
-        path = expand_path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint for anchor {name!r} not found: {path}")
-        return timm.create_model(name, pretrained=False, checkpoint_path=str(path), **kwargs)
+        from snnet.checkpoint_io import load_anchor_weights
+
+        return load_anchor_weights(timm.create_model(name, pretrained=False, **kwargs), expand_path(checkpoint), name, use_ema=True)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
@@ -90,9 +89,9 @@ def create_from_spec(spec: AnchorSpec, pretrained: bool, model_kwargs: dict[str,
         return create_torchvision(spec.name, pretrained=pretrained and path is None, checkpoint=path, **kwargs)
     model = _import_class(spec.name)(**kwargs)
     if spec.checkpoint is not None:
-        from snnet.families.torchvision_models import load_state_dict_file
+        from snnet.checkpoint_io import load_anchor_weights
 
-        load_state_dict_file(model, expand_path(spec.checkpoint), spec.name)
+        load_anchor_weights(model, expand_path(spec.checkpoint), spec.name)
     return model
 
 

@@ -10,7 +10,10 @@ and moves them, which turns into a non-atomic copy when that folder is on anothe
 """
 from __future__ import annotations
 
+import errno
+import importlib
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +22,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor
 
-from snnet.errors import BadFileError
+from snnet.errors import BadFileError, WriteError
 
 PARTIAL = ".partial"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
@@ -94,11 +97,85 @@ def state_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit:
     return "; ".join(parts) or None
 
 
+# the network config keys that define the network's structure (not where its weights come from)
+NETWORK_KEYS: tuple[str, ...] = ("anchors", "model_kwargs", "kernel_size", "stride", "nearest", "stitch_stages",
+                                 "input_size", "two_way", "stitch_lora_rank")
+WEIGHT_SOURCES = ("checkpoint", "pretrained")  # per-anchor mapping entries that only say where weights come from
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists and anchor mappings without their weight source, to compare a YAML config with saved hyper-parameters."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k not in WEIGHT_SOURCES}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _resolve(class_path: str) -> object:
+    """The class a path names (old paths redirect to the same class), or the path where it does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+
+
+def network_mismatch(config: dict[str, Any], hparams: dict[str, Any]) -> str | None:
+    """How the checkpoint's hyper-parameters describe another network than a model config
+    (``class_path`` plus init args), or None: another module class, other anchors or stitch space."""
+    saved_class, config_class = hparams.get("_class_path"), config.get("class_path")
+    if saved_class and config_class and _resolve(saved_class) is not _resolve(config_class):
+        return f"its model is {saved_class}, the config's {config_class}"
+    ours, theirs = config.get("network"), hparams.get("network")
+    if not isinstance(ours, dict) or not isinstance(theirs, dict):
+        return None
+    for key in NETWORK_KEYS:
+        if key in ours and key in theirs and _plain(ours[key]) != _plain(theirs[key]):
+            return f"network.{key} is {_plain(theirs[key])} in the checkpoint, {_plain(ours[key])} in the config"
+    return None
+
+
 def check_fits(module: torch.nn.Module, checkpoint: dict[str, Any], path: str | os.PathLike | None) -> None:
     """A :class:`CheckpointError` if the checkpoint's weights are not those of ``module``'s architecture."""
     mismatch = state_mismatch(module.state_dict(), checkpoint.get("state_dict", {}))
     if mismatch:
         raise CheckpointError(f"checkpoint {path}: written for another architecture than the config's ({mismatch})")
+
+
+def load_anchor_weights(model: torch.nn.Module, path: str | os.PathLike, name: str, use_ema: bool = False) -> torch.nn.Module:
+    """Load an anchor's weight file (.safetensors or torch; ``state_dict``/``model`` wrappers unwrapped,
+    EMA weights preferred with ``use_ema`` as timm does) into ``model``; a file that is unreadable or
+    does not fit raises :class:`CheckpointError` naming the file, the anchor and the first mismatched tensors."""
+    from timm.models import load_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint for anchor {name!r} not found: {path}")
+    try:
+        state = load_state_dict(str(path), use_ema=use_ema)
+    except Exception as e:  # safetensors, pickle and zip errors differ by the damage
+        message = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        raise CheckpointError(f"checkpoint {path} of anchor {name!r}: unreadable ({type(e).__name__}: {message})") from e
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path} does not fit anchor {name!r}: {mismatch}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _os_reason(error: BaseException, folder: Path) -> str:
+    """The operating system's reason for a failed write (``No space left on device``), also where
+    torch wraps it in a RuntimeError (``unexpected pos ...``) that does not say the disk is full."""
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+    try:
+        if shutil.disk_usage(folder).free == 0:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -109,12 +186,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + PARTIAL)
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write (ENOSPC) as a RuntimeError
+            partial.unlink(missing_ok=True)  # a partial file would keep the disk full
+            raise WriteError(f"cannot write checkpoint {path.name} in {path.parent}: {_os_reason(e, path.parent)}"
+                             + (f"; the previous {path.name} is intact" if path.exists() else "")) from e
         os.replace(partial, path)
         directory = os.open(path.parent, os.O_RDONLY)
         try:

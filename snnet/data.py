@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision.datasets import ImageFolder
 
 from snnet.anchors import expand_path
 from snnet.determinism import (
@@ -29,6 +30,7 @@ from snnet.determinism import (
     derive_seed,
     global_rngs_kept,
 )
+from snnet.errors import BadFileError
 
 TRAIN_TRANSFORMS: tuple[str, ...] = ("timm", "cifar", "eval")
 DATA_ENV = "SNNET_DATA_DIR"
@@ -280,11 +282,42 @@ class ImageDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
 
+class CheckedImageFolder(ImageFolder):
+    """ImageFolder whose unreadable images (corrupt, truncated, not an image) raise a
+    :class:`~snnet.errors.BadFileError` naming the file; with ``skip_unreadable`` each is
+    skipped with a warning naming it (the next readable image takes its place) and counted."""
+
+    def __init__(self, root: Path, transform: Callable, skip_unreadable: bool = False) -> None:
+        super().__init__(root, transform)
+        self.skip_unreadable = skip_unreadable
+        self.skipped: set[str] = set()  # this process's (with loader workers, each worker keeps its own)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = self.loader(path)  # PIL decodes here: the transforms below are not guarded
+            except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError, truncated data, bad headers
+                reason = " ".join(str(e).split()) or type(e).__name__
+                if not self.skip_unreadable:
+                    raise BadFileError(f"image {path} cannot be read ({reason}); remove it, or set "
+                                       "data.init_args.skip_unreadable: true to skip unreadable images") from None
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    log.warning("skipping unreadable image %s (%s)", path, reason)
+                continue
+            image = self.transform(image) if self.transform is not None else image
+            return image, self.target_transform(target) if self.target_transform is not None else target
+        raise BadFileError(f"no readable image in {self.root}")
+
+
 class ImageFolderDataModule(ImageDataModule):
     """``root/<train_dir>/<class>/*.jpg`` and ``root/<val_dir>/<class>/*.jpg`` (ImageNet layout)."""
 
-    def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", **kwargs: Any) -> None:
+    def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", skip_unreadable: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.skip_unreadable = skip_unreadable  # off: an unreadable image stops the run, naming the file
         self.root = expand_path(root)
         self.train_dir, self.val_dir = train_dir, val_dir
         self.num_classes = len(self._classes())
@@ -299,9 +332,22 @@ class ImageFolderDataModule(ImageDataModule):
         return sorted(d.name for d in self._folder(self.train_dir).iterdir() if d.is_dir())
 
     def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
-        from torchvision.datasets import ImageFolder
+        return (CheckedImageFolder(self._folder(self.train_dir), train_tf, skip_unreadable=self.skip_unreadable),
+                CheckedImageFolder(self._folder(self.val_dir), eval_tf, skip_unreadable=self.skip_unreadable))
 
-        return ImageFolder(self._folder(self.train_dir), train_tf), ImageFolder(self._folder(self.val_dir), eval_tf)
+    def teardown(self, stage: str) -> None:
+        skipped = sorted({p for d in (self.train_set, self.val_set) for p in getattr(_base(d), "skipped", ())})
+        if skipped:
+            log.warning("skipped %d unreadable images (skip_unreadable: true), e.g. %s", len(skipped), ", ".join(skipped[:3]))
+
+
+def _base(dataset: Dataset | None) -> Dataset | None:
+    """The dataset under subsets (``torch.utils.data.Subset``, :class:`ClassSubset`)."""
+    while dataset is not None and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
 
 
 def extract_cifar10_jpeg(archive: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Path:

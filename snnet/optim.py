@@ -47,3 +47,20 @@ def warmup_cosine(
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
+
+
+SCHEDULE_KEY = "snnet_schedule"  # where a checkpoint keeps the schedule it was trained under
+
+
+def schedule_change(saved: dict | None, now: dict) -> str | None:
+    """How the learning-rate schedule of a resumed run differs from the one its checkpoint was
+    trained under (``total_steps``, ``warmup_steps``, ``min_lr``), or None: a changed ``max_steps``
+    or ``max_epochs`` stretches the cosine, so the resumed run is not the one that was started."""
+    if not saved:
+        return None
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+    if not changed:
+        return None
+    return ("resuming with another learning-rate schedule than the checkpoint's (" + ", ".join(changed) +
+            "): the rest of the run follows the new schedule from the resumed step, so it differs from an "
+            "uninterrupted run of either length")

@@ -43,11 +43,42 @@ class StitchResult:
 
     @classmethod
     def from_dict(cls, row: dict) -> "StitchResult":
+        """A row read from a file, checked: a NaN accuracy or a negative cost would silently change
+        which stitch a budget picks, so every value must be of its kind and in its range."""
         names = {f.name for f in fields(cls)}
         missing = {"id", "name", "flops", "params"} - set(row)
         if missing:
             raise ValueError(f"result row {row!r} lacks {sorted(missing)}")
-        return cls(**{k: v for k, v in row.items() if k in names})
+        result = cls(**{k: v for k, v in row.items() if k in names})
+        result.check()
+        return result
+
+    def check(self) -> None:
+        """A ValueError naming the first field whose value is not a valid one."""
+        def number(value: object, integer: bool = False) -> bool:
+            kinds = (int,) if integer else (int, float)
+            return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+        where = f"stitch {self.id!r} ({self.name!r})"
+        if not number(self.id, integer=True):
+            raise ValueError(f"id must be a non-negative integer, got {self.id!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"{where}: name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.is_anchor, bool):
+            raise ValueError(f"{where}: is_anchor must be true or false, got {self.is_anchor!r}")
+        for key in ("flops", "params"):
+            if not number(getattr(self, key)):
+                raise ValueError(f"{where}: {key} must be a finite non-negative number, got {getattr(self, key)!r}")
+        for key in ("acc1", "acc5", "latency_ms"):
+            value = getattr(self, key)
+            if value is not None and not number(value):
+                raise ValueError(f"{where}: {key} must be a finite non-negative number or null, got {value!r}")
+        for key in METRICS:
+            if getattr(self, key) is not None and getattr(self, key) > 100:
+                raise ValueError(f"{where}: {key} is a percentage, at most 100, got {getattr(self, key)!r}")
+        for key in ("front_anchor", "end_anchor"):
+            if getattr(self, key) is not None and not number(getattr(self, key), integer=True):
+                raise ValueError(f"{where}: {key} must be an anchor id or null, got {getattr(self, key)!r}")
 
 
 def save_results(
@@ -78,10 +109,17 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise BadFileError(f"results file {path}: expected a non-empty JSON list of stitch results (objects), "
                            "or an object with a 'stitches' list")
-    try:
-        return [StitchResult.from_dict(r) for r in rows]
-    except (ValueError, TypeError) as e:
-        raise BadFileError(f"results file {path}: {e}") from e
+    results = []
+    for i, row in enumerate(rows):
+        try:
+            results.append(StitchResult.from_dict(row))
+        except (ValueError, TypeError) as e:
+            raise BadFileError(f"results file {path}: row {i}: {e}") from e
+    ids = [r.id for r in results]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise BadFileError(f"results file {path}: stitch ids {repeated} appear more than once")
+    return results
 
 
 def load_figures(path: str | os.PathLike) -> dict | None:
@@ -112,6 +150,16 @@ def pareto_front(results: Iterable[StitchResult], cost: str = "flops", metric: s
     return front
 
 
+def check_budgets(budgets: dict[str, float | None]) -> dict[str, float]:
+    """The given budgets (None dropped), each a finite positive number: the one check of the command
+    line, the Python API and the server."""
+    given = {k: v for k, v in budgets.items() if v is not None}
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{key} must be a finite positive number, got {value!r}")
+    return given
+
+
 def select_stitch(
     results: Sequence[StitchResult],
     max_gflops: float | None = None,
@@ -120,8 +168,8 @@ def select_stitch(
     metric: str = "acc1",
 ) -> StitchResult:
     """The most accurate stitch within every given budget (ties: the cheaper in FLOPs)."""
-    budgets = {"gflops": max_gflops, "params": max_params, "latency_ms": max_latency_ms}
-    budgets = {k: v for k, v in budgets.items() if v is not None}
+    given = check_budgets({"max_gflops": max_gflops, "max_params": max_params, "max_latency_ms": max_latency_ms})
+    budgets = {k.removeprefix("max_"): v for k, v in given.items()}
     if not budgets:
         raise ValueError("give at least one budget: max_gflops, max_params or max_latency_ms")
     if "latency_ms" in budgets and any(r.latency_ms is None for r in results):
@@ -135,7 +183,12 @@ def select_stitch(
         parts = []
         for key, limit in budgets.items():
             cheapest = min(results, key=lambda r: cost(r, key))
-            parts.append(f"max {key} {limit:g} is below the cheapest stitch {cheapest.id} ({cheapest.name}) at {cost(cheapest, key):g} {key}")
+            if cost(cheapest, key) > limit:
+                parts.append(f"max {key} {limit:g} is below the cheapest stitch {cheapest.id} ({cheapest.name}) at {cost(cheapest, key):g} {key}")
+        if not parts:  # each budget alone is met, not all together
+            given = ", ".join(f"max {k} {v:g}" for k, v in budgets.items())
+            parts.append(f"each of {given} is met by some stitch, but no stitch meets all of them at once; "
+                         "relax one of them")
         raise ValueError("no stitch fits the budget: " + "; ".join(parts))
     return max(fits, key=lambda r: (metric_value(r, metric), -r.flops))
 

@@ -83,3 +83,37 @@ def test_markdown_comparison_reports_the_change_per_stitch():
         assert float(cells[-1]) == pytest.approx(a.acc1 - b.acc1, abs=0.01)
     with pytest.raises(ValueError, match=r"lack stitch ids \[29\]"):
         markdown_table(after, before=before[:-1])
+
+
+def test_conflicting_budgets_say_each_fits_alone_and_only_the_too_small_one_is_named():
+    few_flops = StitchResult(0, "few_flops", 10**9, 9 * 10**6, True, 70.0)
+    few_params = StitchResult(1, "few_params", 4 * 10**9, 10**6, True, 72.0)
+    with pytest.raises(ValueError, match="each of max gflops 2, max params 2e\\+06 is met by some stitch, but no stitch meets all"):
+        select_stitch([few_flops, few_params], max_gflops=2, max_params=2e6)
+    with pytest.raises(ValueError) as info:
+        select_stitch([few_flops, few_params], max_gflops=2, max_params=5e5)
+    assert "max params 500000 is below the cheapest stitch 1" in str(info.value) and "max gflops" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0.0, True])
+def test_budgets_must_be_finite_and_positive(value):
+    rows = [StitchResult(0, "a", 10**9, 10, True, 70.0)]
+    with pytest.raises(ValueError, match=f"max_gflops must be a finite positive number, got {value!r}"):
+        select_stitch(rows, max_gflops=value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("acc1", float("nan"), "acc1 must be a finite non-negative number or null, got nan"),
+    ("acc1", 101.0, "acc1 is a percentage, at most 100, got 101.0"),
+    ("flops", -5, "flops must be a finite non-negative number, got -5"),
+    ("latency_ms", float("inf"), "latency_ms must be a finite non-negative number or null, got inf"),
+    ("id", "3", "id must be a non-negative integer, got '3'"),
+    ("is_anchor", "yes", "is_anchor must be true or false, got 'yes'"),
+])
+def test_every_results_row_is_checked_where_it_is_read(tmp_path, field, value, message):
+    rows = [StitchResult(i, f"s{i}", 10**9 * (i + 1), 10, i == 0, 70.0 + i).to_dict() for i in range(3)]
+    rows[1][field] = value
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=f"results file {path}: row 1: .*{message[:30]}"):
+        load_results(path)

@@ -214,7 +214,10 @@ def test_every_bad_request_gets_its_status_and_message_and_the_server_keeps_serv
         (post(url, None, stitch=1), 400, "no image"),
         (requests.post(url + "/predict", data="{", headers={**HEADERS, "Content-Type": "application/json"}, timeout=10), 400, "not valid JSON"),
         (requests.post(url + "/predict", data=b"abc", headers={**HEADERS, "Content-Type": "image/png"}, timeout=10), 415, "send application/json or multipart/form-data"),
-        (requests.post(url + "/predict", data=b"x" * (4 * 2**20), headers={**HEADERS, "Content-Type": "application/json"}, timeout=30), 413, "Payload too large"),
+        (requests.post(url + "/predict", data=b"x" * (4 * 2**20), headers={**HEADERS, "Content-Type": "application/json"}, timeout=30), 413,
+         "request body too large: the limit is 3 MB (3145728 bytes; snnet serve --max-payload-mb)"),
+        (requests.post(url + "/predict", data='{"a": ' * 100000 + "1" + "}" * 100000,
+                       headers={**HEADERS, "Content-Type": "application/json"}, timeout=30), 400, "nested too deeply"),
         (requests.post(url + "/predict", json={}, timeout=10), 401, "Invalid API Key"),
         (requests.get(url + "/stats", timeout=10), 401, "Invalid API Key"),
     ]

@@ -123,7 +123,7 @@ CATALOG = Catalog([StitchInfo(r.id, r.name, r.flops, r.params, r.is_anchor) for 
     ({"stitch": 1.5}, 400, r"stitch must be an integer, got 1.5"),
     ({"max_gflops": 0.05}, 422, r"max gflops 0.05 is below the cheapest stitch 0 \(small\) at 0.1 gflops"),
     ({"max_params": 10}, 422, r"max params 10 is below the cheapest stitch 0 \(small\) at 1000 params"),
-    ({"max_gflops": -1}, 422, r"max_gflops must be positive, got -1"),
+    ({"max_gflops": -1}, 422, r"max_gflops must be a finite positive number, got -1"),
     ({"max_gflops": "nan"}, 400, r"max_gflops must be a finite number"),
     ({"stitch": 1, "max_gflops": 1}, 422, r"give a stitch id \(1\) or a budget"),
     ({"max_gflop": 1}, 400, r"unknown fields \['max_gflop'\]; valid fields"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from snnet.errors import did_you_mean
@@ -26,18 +25,6 @@ def check_torchvision_name(name: str) -> None:
         raise ValueError(f"unknown torchvision classification model {name!r}" + did_you_mean(name, names))
 
 
-def load_state_dict_file(model: nn.Module, path: Path, name: str) -> nn.Module:
-    """Load a local state_dict file (``weights_only``; a ``state_dict``/``model`` wrapper is unwrapped)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint for anchor {name!r} not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    model.load_state_dict(state, strict=True)
-    return model
-
-
 def create_torchvision(name: str, pretrained: bool = False, checkpoint: Path | None = None, **kwargs: Any) -> nn.Module:
     """``torchvision.models.get_model(name)``: the default hub weights with ``pretrained``, or a
     local state_dict file (torchvision's own ``.pth`` files are plain state_dicts)."""
@@ -46,5 +33,7 @@ def create_torchvision(name: str, pretrained: bool = False, checkpoint: Path | N
     check_torchvision_name(name)
     model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
     if checkpoint is not None:
-        load_state_dict_file(model, checkpoint, name)
+        from snnet.checkpoint_io import load_anchor_weights
+
+        load_anchor_weights(model, checkpoint, name)
     return model

@@ -435,9 +435,11 @@ class SimilarityConfig:
 
 def similarity_parser() -> "ArgumentParser":
     """jsonargparse parser of the YAML: the :class:`SimilarityConfig` keys at the root plus ``data``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
-    parser = ArgumentParser(prog="snnet similarity", description="CKA and stitching matrices between the layers of two models.")
+    from snnet.arguments import new_parser
+
+    parser = new_parser("snnet similarity", "CKA and stitching matrices between the layers of two models.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML with sender, receiver, measure, cka, stitching, data, ...")
     parser.add_class_arguments(SimilarityConfig, None)
     parser.add_subclass_arguments(ImageDataModule, "data", skip={"data_config"}, required=True)
@@ -446,8 +448,10 @@ def similarity_parser() -> "ArgumentParser":
 
 def parse_similarity(argv: Sequence[str]) -> tuple[SimilarityConfig, ImageDataModule]:
     """(config, datamodule) from command-line arguments (``--config`` file plus overrides)."""
+    from snnet.arguments import parse
+
     parser = similarity_parser()
-    init = parser.instantiate(parser.parse_args(list(argv)))
+    init = parser.instantiate(parse(parser, argv))
     config = SimilarityConfig(**{f.name: init[f.name] for f in fields(SimilarityConfig)})
     return config, init["data"]
 

@@ -88,6 +88,7 @@ class ServeState:
     stats: ServeStats
     top_k: int = 5
     max_pixels: int = 4096 * 4096
+    max_payload_bytes: int | None = None  # LitServe refuses larger bodies; kept here to say the limit
     in_flight: int = 0
     started: float = field(default_factory=time.time)
 
@@ -117,21 +118,35 @@ class ServeState:
                 "policy": self.policy.describe()}
 
 
-async def _read_fields(request: Request) -> dict:
+def _too_large(limit: int | None) -> RequestError:
+    return RequestError(413, f"request body too large: the limit is {limit / 2**20:g} MB ({limit} bytes; snnet serve --max-payload-mb)"
+                        if limit else "request body too large")
+
+
+async def _read_fields(request: Request, max_payload_bytes: int | None = None) -> dict:
     """The body's fields: JSON, or a multipart/urlencoded form (the image as an upload)."""
+    declared = request.headers.get("content-length", "")
+    if max_payload_bytes and declared.isdigit() and int(declared) > max_payload_bytes:
+        raise _too_large(max_payload_bytes)
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form()
-        fields = {}
-        for key, value in form.multi_items():
-            fields[key] = await value.read() if hasattr(value, "read") else value
-        return fields
-    if not content_type.startswith("application/json"):
-        raise RequestError(415, f"content type {content_type or 'none'!r}: send application/json or multipart/form-data")
     try:
+        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            form = await request.form()
+            fields = {}
+            for key, value in form.multi_items():
+                fields[key] = await value.read() if hasattr(value, "read") else value
+            return fields
+        if not content_type.startswith("application/json"):
+            raise RequestError(415, f"content type {content_type or 'none'!r}: send application/json or multipart/form-data")
         body = await request.json()
+    except HTTPException as e:  # LitServe's size check while the body streams in
+        if e.status_code == 413:
+            raise _too_large(max_payload_bytes) from None
+        raise
     except ValueError as e:
         raise RequestError(400, f"body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RequestError(400, "body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError(400, f"body must be a JSON object, got {type(body).__name__}")
     return body
@@ -169,7 +184,7 @@ class StitchServer(ls.LitServer):
             start = time.perf_counter()
             state.in_flight += 1
             try:
-                fields = await _read_fields(request)
+                fields = await _read_fields(request, state.max_payload_bytes)
                 x, stitch, top_k = await run_in_threadpool(state.prepare, fields)
                 depth, chosen_by = state.in_flight, "request"
                 if stitch is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -134,19 +135,34 @@ def build_server(cfg: ServeConfig):
     state = ServeState(
         catalog=Catalog(net.table(), results, num_classes, class_names, cfg.metric), transform=eval_transform(net),
         policy=policy, stats=ServeStats(slo_ms=cfg.slo_ms if cfg.policy == "slo" else None), top_k=min(cfg.top_k, num_classes),
-        max_pixels=cfg.max_image_pixels,
+        max_pixels=cfg.max_image_pixels, max_payload_bytes=int(cfg.max_payload_mb * 2**20),
     )
     del net
     api = StitchAPI(str(Path(cfg.ckpt).resolve()), cfg.max_batch_size, cfg.batch_timeout_ms / 1e3, cfg.api_key)
     server = StitchServer(
         api, state, accelerator=torch.device(device).type, devices=1, timeout=30,
-        max_payload_size=int(cfg.max_payload_mb * 2**20), disable_openapi_url=True, fast_queue=cfg.fast_queue,
+        max_payload_size=state.max_payload_bytes, disable_openapi_url=True, fast_queue=cfg.fast_queue,
     )
     return server, state
 
 
+def check_port(host: str, port: int) -> None:
+    """A ValueError naming host, port and the OS error when the server could not listen there
+    (checked before start-up, so the banner is never printed for a port that is taken)."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server on it? choose another --port)") from None
+
+
 def serve(cfg: ServeConfig) -> None:
     """Run until SIGINT or SIGTERM; either stops new connections and finishes the in-flight requests."""
+    check_port(cfg.host, cfg.port)
     server, state = build_server(cfg)
     main_pid = os.getpid()
 

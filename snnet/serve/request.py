@@ -47,8 +47,6 @@ class Catalog:
 
     def resolve(self, choice: StitchChoice) -> int | None:
         """The stitch the request asked for (id or budget), or None: the policy decides."""
-        if choice.stitch is not None and choice.has_budget:
-            raise RequestError(422, f"give a stitch id ({choice.stitch}) or a budget ({', '.join(BUDGETS)}), not both")
         if choice.stitch is not None:
             if not 0 <= choice.stitch < len(self.infos):
                 raise RequestError(422, f"unknown stitch {choice.stitch}: valid ids are 0..{len(self.infos) - 1}")
@@ -91,10 +89,10 @@ def read_choice(fields: Mapping[str, Any], metric: str = "acc1") -> StitchChoice
     if unknown:
         raise RequestError(400, f"unknown fields {unknown}; valid fields: {list(FIELDS)}")
     budgets = {key: _number(fields, key, float) for key in BUDGETS}
-    for key, value in budgets.items():
-        if value is not None and value <= 0:
-            raise RequestError(422, f"{key} must be positive, got {value:g}")
-    return StitchChoice(stitch=_number(fields, "stitch", int), metric=metric, **budgets)
+    try:  # budgets checked as `snnet select` checks them; an id and a budget together refused
+        return StitchChoice(stitch=_number(fields, "stitch", int), metric=metric, **budgets)
+    except ValueError as e:
+        raise RequestError(422, str(e)) from None
 
 
 def read_top_k(fields: Mapping[str, Any], default: int, num_classes: int) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snnet.results import StitchResult, load_results, select_stitch
+from snnet.results import StitchResult, check_budgets, load_results, select_stitch
 from snnet.sn_net.network import StitchableNetwork
 
 
@@ -24,6 +24,11 @@ class StitchChoice:
     results: str | None = None
     metric: str = "acc1"
 
+    def __post_init__(self) -> None:
+        check_budgets({"max_gflops": self.max_gflops, "max_params": self.max_params, "max_latency_ms": self.max_latency_ms})
+        if self.stitch is not None and self.has_budget:
+            raise ValueError(f"give a stitch id ({self.stitch}) or a budget, not both")
+
     @property
     def has_budget(self) -> bool:
         return any(v is not None for v in (self.max_gflops, self.max_params, self.max_latency_ms))
@@ -39,18 +44,22 @@ class StitchChoice:
     def resolve(self, net: StitchableNetwork, results: list[StitchResult] | None = None) -> int:
         """The configuration id to run on ``net``: ``stitch``, else the budgets' choice, else the active one.
 
-        A budget's choice must name the same configuration in ``net`` (results of another network
-        would silently pick a wrong path).
+        The results must name ``net``'s configurations (results of another network would silently
+        pick a wrong path).
         """
-        if self.stitch is not None and self.has_budget:
-            raise ValueError(f"give a stitch id ({self.stitch}) or a budget, not both")
         if self.stitch is not None:
             return net.check_id(self.stitch)
         if not self.has_budget:
             return net.stitch_id
-        chosen = self.select(results)
-        check_results_match(net, [chosen])
-        return chosen.id
+        if results is None:
+            if self.results is None:
+                raise ValueError("a budget needs measured accuracies: give results (a JSON written by `snnet validate`)")
+            results = load_results(self.results)
+        try:
+            check_results_match(net, results)  # every row, not only the chosen one: the ranking depends on all
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"results file {self.results}: {e}" if self.results else str(e)) from None
+        return self.select(results).id
 
 
 def check_results_match(net: StitchableNetwork, results: list[StitchResult]) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from snnet.anchors import create_anchor
@@ -23,7 +24,7 @@ from snnet.config import as_config
 from snnet.determinism import STEP, derive_seed, seed_global_rngs
 from snnet.front import FrontFigures, front_figures, stitch_result
 from snnet.lstsq import StitchInitConfig
-from snnet.optim import decay_groups, warmup_cosine
+from snnet.optim import SCHEDULE_KEY, decay_groups, schedule_change, warmup_cosine
 from snnet.profiling import count_flops, unfused_attention
 from snnet.results import StitchResult
 from snnet.sn_net.build import NetworkConfig, build_network
@@ -145,6 +146,9 @@ class SNNetModule(L.LightningModule):
             raise ValueError(f"bn_calibration needs images >= 0 (0: off) and batch_size >= 1, got {self.bn_cfg}")
         self.seed = seed
         self.predict_choice = as_config(StitchChoice, predict)
+        if self.predict_choice.has_budget and self.predict_choice.results is None:  # refused before any work
+            raise ValueError("predict: a budget (max_gflops, max_params, max_latency_ms) needs predict.results, "
+                             "a results JSON written by `snnet validate`")
         # plain mappings, so checkpoints load with weights_only=True
         self.save_hyperparameters({
             "network": asdict(network), "optim": asdict(self.optim_cfg), "distill": asdict(self.distill_cfg),
@@ -278,6 +282,11 @@ class SNNetModule(L.LightningModule):
             return
         self.calibrate_for_this_step()  # Lightning has collected the state already: refresh the bank's part
         checkpoint["state_dict"].update(self._bank_state())
+        checkpoint[SCHEDULE_KEY] = self._schedule()
+
+    def _schedule(self) -> dict[str, Any]:
+        return {"total_steps": int(self.trainer.estimated_stepping_batches), "warmup_steps": self.optim_cfg.warmup_steps,
+                "min_lr": self.optim_cfg.min_lr}
 
     def _bank_state(self) -> dict[str, Tensor]:
         """The bank's entries of this module's state dict (under every name the network has: the
@@ -333,6 +342,7 @@ class SNNetModule(L.LightningModule):
         self.on_validation_start()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._saved_schedule = checkpoint.get(SCHEDULE_KEY)  # compared in configure_optimizers, which runs after
         # checkpoints written before the pretrained accuracies were kept: not measured
         state = checkpoint.get("state_dict", {})
         state.setdefault("pretrained_acc1", torch.full((self.net.num_anchors,), float("nan")))
@@ -455,4 +465,7 @@ class SNNetModule(L.LightningModule):
         else:
             raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}")
         schedule = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, cfg.warmup_steps, cfg.min_lr)
+        change = schedule_change(getattr(self, "_saved_schedule", None), self._schedule())
+        if change:
+            rank_zero_warn(change)
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from snnet.errors import StitchIdError
 from snnet.families import AnchorView, anchor_view
 from snnet.lstsq import AffineLstsq
 from snnet.prefix_tree import PrefixTree
@@ -217,7 +218,7 @@ class StitchableNetwork(nn.Module):
 
     def check_id(self, stitch: int) -> int:
         if not 0 <= stitch < len(self.configs):
-            raise IndexError(f"stitch id {stitch} out of range: valid ids are 0..{len(self.configs) - 1}")
+            raise StitchIdError(f"stitch id {stitch} out of range: valid ids are 0..{len(self.configs) - 1}")
         return stitch
 
     def set_stitch(self, stitch: int) -> None:
