@@ -177,3 +177,23 @@ def test_every_checkpoint_holds_the_statistics_of_its_own_weights(tmp_path):
 def test_bad_calibration_settings_name_the_values(bad):
     with pytest.raises(ValueError, match=r"bn_calibration needs images >= 0 \(0: off\) and batch_size >= 1, got .*" + f"{next(iter(bad))}={bad[next(iter(bad))]}"):
         tiny_module(bn_calibration=bad)
+
+
+def test_path_modules_run_the_layers_own_statistics():
+    """``path_modules`` (tools/bench_train.py's plain step) chained is the configuration on the BatchNorm
+    layers' own buffers: equal to the network before calibration, not after it for a stitch."""
+    net = perturbed()
+    x = torch.randn(4, 3, 16, 16)
+
+    def chained(stitch: int) -> torch.Tensor:
+        h = x
+        for step in net.path_modules(stitch):
+            h = step(h)
+        return h
+
+    with torch.no_grad():
+        for stitch in range(net.num_configs):
+            assert torch.equal(chained(stitch), net(x, stitch)), stitch
+        net.calibrate_batchnorm(calibration_images())
+        stitch = net.num_anchors
+        assert not torch.allclose(chained(stitch), net(x, stitch))

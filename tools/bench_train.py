@@ -56,9 +56,9 @@ class Call(nn.Module):
 
 
 def plain_subnetwork(net: StitchableNetwork, stitch: int) -> nn.Sequential:
-    """Configuration ``stitch`` as an ordinary Sequential of the very same modules (shared weights)."""
-    path = net._paths[stitch]
-    return nn.Sequential(Call(path.stem), *path.modules, Call(path.head))
+    """Configuration ``stitch`` as an ordinary Sequential of the very same modules (shared weights);
+    the stem and head, functions over an anchor's modules, wrapped as modules."""
+    return nn.Sequential(*(m if isinstance(m, nn.Module) else Call(m) for m in net.path_modules(stitch)))
 
 
 @dataclass
