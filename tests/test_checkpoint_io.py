@@ -103,7 +103,7 @@ def test_commands_print_one_line_for_bad_files(tmp_path, good, capsys):
 
 
 def test_fit_resume_from_unreadable_checkpoint_is_one_line(tmp_path, good, capsys):
-    from test_resume import tiny_config
+    from helpers import tiny_config
 
     config = tiny_config(tmp_path)
     for kind in ("truncated", "random"):
@@ -123,7 +123,7 @@ def test_ckpt_path_last_resumes_from_the_newest_complete_checkpoint(tmp_path, go
     new version stayed a .partial), or a non-atomic writer left last.ckpt cut off. `--ckpt_path last`
     takes the newest complete checkpoint of the run's folder, not the older or broken last.ckpt."""
     from lightning import Trainer
-    from test_resume import tiny_config
+    from helpers import tiny_config
 
     config = tiny_config(tmp_path)
     folder = tmp_path / "checkpoints"

@@ -3,13 +3,11 @@ free 127.0.0.1 port, a real HTTP client, answers compared with the network run i
 import base64
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,64 +15,12 @@ import requests
 import torch
 from PIL import Image
 
+from helpers import SERVE_HEADERS as HEADERS, SERVE_KEY as KEY, read_log, start_server, stop_server
 from snnet.cli import main
-from snnet.serve.process import start_serve
 from snnet.results import load_results, select_stitch
 from snnet.serve.launch import eval_transform, read_checkpoint
 
-ROOT = Path(__file__).parents[1]
-CONFIG = ROOT / "configs" / "quickstart.yaml"
-KEY = "test-key"
-HEADERS = {"X-API-Key": KEY}
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    """The quickstart's `snnet fit` (configs/quickstart.yaml), shortened: its three anchors written
-    untrained where the config reads them (tools/pretrain_quickstart.py trains them; serving does
-    not care), a few training steps; its checkpoint and results file."""
-    import timm
-    from safetensors.torch import save_file
-
-    import snnet.models  # noqa: F401  (registers cifar_resnet*)
-    from snnet.quickstart import QUICKSTART_ANCHORS
-
-    root = tmp_path_factory.mktemp("quickstart")
-    anchors = root / "outputs" / "quickstart" / "anchors"
-    anchors.mkdir(parents=True)
-    for i, name in enumerate(QUICKSTART_ANCHORS):
-        torch.manual_seed(i)
-        save_file(timm.create_model(name, num_classes=10).state_dict(), anchors / f"{name}.safetensors")
-    cwd = os.getcwd()
-    os.chdir(root)  # the config writes under ./outputs/quickstart
-    os.environ["WANDB_MODE"] = "offline"
-    try:
-        main(["fit", "--config", str(CONFIG), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-              "--trainer.limit_val_batches", "2", "--model.init_args.stitch_init.images", "32"])
-    finally:
-        os.chdir(cwd)
-    out = root / "outputs" / "quickstart"
-    return next(out.glob("**/last.ckpt")), out / "fit_results.json"
-
-
-def start_server(ckpt, results, *options, timeout=600.0):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # small models: no thread contention
-    log = tempfile.TemporaryFile("w+")  # not a pipe: nobody reads it while the server runs
-    try:
-        proc, url = start_serve(["--ckpt", str(ckpt), "--results", str(results), *options], env, timeout, HEADERS,
-                                stdout=log, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # its own group: stop() ends all
-    except RuntimeError as e:
-        log.seek(0)
-        raise RuntimeError(f"{e}:\n{log.read()}") from None
-    proc.log = log
-    return proc, url
-
-
-def read_log(proc) -> str:
-    proc.log.seek(0)
-    return proc.log.read()
 
 
 @pytest.fixture(scope="module")
@@ -83,21 +29,7 @@ def server(quickstart):
     proc, url = start_server(ckpt, results, "--api-key", KEY, "--batch-timeout-ms", "30", "--max-image-pixels", "1000000",
                              "--max-payload-mb", "3", "--slo-ms", "60000", "--device", "cpu", "--max-batch-size", "8")
     yield proc, url
-    stop(proc)
-
-
-def stop(proc) -> None:
-    """SIGTERM (the server drains), then SIGKILL to its whole process group (HTTP process, worker)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
