@@ -1,5 +1,6 @@
-"""Shared fixtures (the quickstart's checkpoint for the serving tests). Real data and pretrained anchors come from environment variables and skip
-(naming the variable) when absent; `.ci/run` points them at ../shared."""
+"""Shared fixtures (and the quickstart's checkpoint for the serving tests). Real data and pretrained
+anchors come from environment variables and skip (naming the variable) when absent; `.ci/run` points
+them at ../shared."""
 import os
 from pathlib import Path
 
