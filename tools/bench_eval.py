@@ -7,6 +7,7 @@ Families:
   ``--num-classes`` classes, on a folder of synthetic JPEGs of ImageNet-like size
   (``--jpeg-size``, smooth random content so they compress like photos), decoded and resized by
   timm's eval transform as ImageNet validation images are;
+* ``tiny``: two random CIFAR ResNets (8, 14) on the same synthetic JPEGs at ``--img-size`` px (smoke runs);
 * ``cifar``: the pretrained CIFAR ResNet-20/32/44/56 (40 configurations, stitching layers fitted by
   least squares on 100 training images) on the real CIFAR-10 JPEG test set (``--val-limit`` images);
   needs ``SNNET_ANCHOR_DIR`` and ``SNNET_DATA_DIR``.
@@ -21,6 +22,7 @@ the two modes alternating. Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ from snnet.models.cifar_resnet import pretrained_checkpoints
 from snnet.sn_net.network import StitchableNetwork
 
 DEIT = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+TINY = ["cifar_resnet8", "cifar_resnet14"]
 CIFAR = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56"]
 TARGET = 0.35
 
@@ -75,10 +78,15 @@ def write_jpeg_folder(root: Path, images: int, classes: int, size: tuple[int, in
     return root
 
 
-def deit_setup(args: argparse.Namespace) -> tuple[StitchableNetwork, ImageDataModule, str]:
+def synthetic_setup(family: str, args: argparse.Namespace) -> tuple[StitchableNetwork, ImageDataModule, str]:
+    """``deit`` or ``tiny`` with random weights at ``--img-size`` px, on the synthetic JPEG folder."""
     torch.manual_seed(0)
-    net = build_network(NetworkConfig(anchors=DEIT, pretrained=False,
-                                      model_kwargs={"img_size": args.img_size, "num_classes": args.num_classes}))
+    if family == "deit":
+        config = NetworkConfig(anchors=DEIT, pretrained=False, model_kwargs={"img_size": args.img_size, "num_classes": args.num_classes})
+    else:
+        config = NetworkConfig(anchors=TINY, pretrained=False, model_kwargs={"num_classes": args.num_classes},
+                               input_size=(3, args.img_size, args.img_size))
+    net = build_network(config)
     width, height = args.jpeg_size
     root = Path(args.jpeg_root or f"~/.cache/snnet/bench_jpeg_{args.images}_{width}x{height}").expanduser()
     write_jpeg_folder(root, args.images, args.num_classes, (width, height))
@@ -110,7 +118,7 @@ def same_predictions(runs: Sequence[Evaluation]) -> bool:
 
 
 def bench_family(family: str, args: argparse.Namespace) -> Row:
-    net, dm, note = (deit_setup if family == "deit" else cifar_setup)(args)
+    net, dm, note = cifar_setup(args) if family == "cifar" else synthetic_setup(family, args)
     net.to(args.device).eval()  # evaluate_stitches moves each batch to the network's device
     ids = list(range(net.num_configs))
     flops_ratio = net.forward_many_flops(ids) / sum(net.infos[i].flops for i in ids)
@@ -177,7 +185,7 @@ def report(rows: list[Row], args: argparse.Namespace, argv: Sequence[str] | None
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", nargs="+", choices=["deit", "cifar"], default=["deit", "cifar"])
+    parser.add_argument("--family", nargs="+", choices=["deit", "cifar", "tiny"], default=["deit", "cifar"])
     parser.add_argument("--img-size", type=int, default=64, help="DeiT input size (timm img_size)")
     parser.add_argument("--num-classes", type=int, default=10, help="DeiT classes")
     parser.add_argument("--images", type=int, default=32, help="DeiT: synthetic validation JPEGs")
@@ -190,10 +198,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--flops-only", action="store_true", help="print the FLOPs ratio only (no timing, no data)")
     parser.add_argument("--out", type=Path, help="append the Markdown section to this file")
+    parser.add_argument("--json", type=Path, help="write each family's figures (ratios, times, same predictions) to this JSON file")
     args = parser.parse_args(argv)
     if args.flops_only:
         for family in args.family:
-            net = build_network(NetworkConfig(anchors=DEIT if family == "deit" else CIFAR, pretrained=False,
+            net = build_network(NetworkConfig(anchors={"deit": DEIT, "cifar": CIFAR, "tiny": TINY}[family], pretrained=False,
                                               model_kwargs={"img_size": args.img_size} if family == "deit" else {}))
             ids = list(range(net.num_configs))
             print(f"{family}: {len(ids)} stitches, FLOPs ratio shared/naive "
@@ -201,6 +210,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     rows = [bench_family(family, args) for family in args.family]
     append_section(args.out, report(rows, args, argv))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([figures(r, args) for r in rows], indent=1))
+
+
+def figures(row: Row, args: argparse.Namespace) -> dict:
+    """One family's row as JSON: the ratios (CPU and wall clock) and every best time."""
+    return {
+        "family": row.family, "stitches": row.stitches, "images": row.images, "flops_ratio": row.flops_ratio,
+        "end_to_end_ratio": {clock: row.ratio("loader", clock) for clock in ("cpu", "wall")},
+        "compute_ratio": {clock: row.ratio("memory", clock) for clock in ("cpu", "wall")},
+        "times_s": {f"{source} {mode}": {"wall": t.wall, "cpu": t.cpu} for (source, mode), t in row.times.items()},
+        "same_predictions": row.identical, "device": args.device, "batch_size": args.batch_size,
+        "num_workers": args.num_workers, "target": TARGET, "note": row.note,
+    }
 
 
 if __name__ == "__main__":
