@@ -4,8 +4,9 @@ recipe, steps, wall time and the four front figures (snnet.front) in a JSONL fil
     python tools/recipe_study.py --config configs/cifar10_resnet.yaml --recipe frozen \
         --steps 300 --val-limit 2000 --set model.init_args.optim.freeze_anchors=true --out outputs/study/cifar.jsonl
 
-``--set KEY=VALUE`` (dotted path into the YAML, VALUE parsed as YAML) may repeat. Outputs go to
-``outputs/study/<config stem>/<recipe>/``; the row is appended to ``--out``.
+``--set KEY=VALUE`` (dotted path into the YAML, VALUE parsed as YAML) may repeat; it is applied last
+(``--set trainer.enable_checkpointing=true`` keeps checkpoints). Outputs go to ``--out-dir`` (default
+``outputs/study/<config stem>/<recipe>/``); the row is appended to ``--out``.
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ if __name__ == "__main__":
     parser.add_argument("--val-limit", type=int, help="fixed validation subset size")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("outputs/study/recipes.jsonl"))
+    parser.add_argument("--out-dir", type=Path, help="the run's outputs (default outputs/study/<config stem>/<recipe>)")
     args = parser.parse_args()
 
-    out_dir = Path("outputs/study") / args.config.stem / args.recipe
+    out_dir = args.out_dir or Path("outputs/study") / args.config.stem / args.recipe
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = study_config(args.config, out_dir, args.steps, args.val_limit, args.set)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
