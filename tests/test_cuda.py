@@ -19,7 +19,7 @@ from PIL import Image
 
 from helpers import (SERVE_HEADERS, assert_forward_many_is_one_at_a_time, assert_killed_and_resumed_equals_uninterrupted,
                      perturbed_network, start_server, stop_server)
-from snnet.anchors import NetworkConfig, build_network
+from snnet.sn_net.build import NetworkConfig, build_network
 from snnet.results import load_results
 
 DEVICE = torch.device(os.environ.get("SNNET_TEST_DEVICE", "cuda"))
@@ -95,7 +95,7 @@ def test_batchnorm_calibration_on_the_device_equals_the_cpu():
 
 
 def test_export_and_load_on_the_device(tmp_path):
-    from snnet.export import export_stitch, load_program, load_stitch
+    from snnet.deploy.export import export_stitch, load_program, load_stitch
 
     net = perturbed_network(CIFAR).to(DEVICE)
     net.calibrate_batchnorm([b.to(DEVICE) for b in images(32, 16).split(16)])
@@ -115,7 +115,7 @@ def test_compiled_stitch_equals_eager():
     """Inductor on a GPU; on the CPU aot_eager (dynamo and AOTAutograd without a C++ build)."""
     import torch._dynamo
 
-    from snnet.compile import compile_stitchable
+    from snnet.sn_net.compile import compile_stitchable
 
     torch._dynamo.reset()
     torch.manual_seed(0)

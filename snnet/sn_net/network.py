@@ -383,7 +383,7 @@ class StitchableNetwork(nn.Module):
         """Configuration ``stitch``'s steps in order (first anchor's stem, blocks and stitching
         layers, last anchor's head) as the anchors' own callables: what the sub-network alone runs,
         its BatchNorm layers on their own buffers rather than the path's statistics in ``bn_bank``."""
-        return [self._key_module(key) for key in self._prefix_tree.paths[self._check_id(stitch)]]
+        return [self._key_module(key) for key in self._prefix_tree.paths[self.check_id(stitch)]]
 
     def data_config(self) -> dict:
         """timm data config (mean/std, interpolation, crop) of the first anchor at the network's input
