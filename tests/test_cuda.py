@@ -4,7 +4,7 @@ BatchNorm calibration, compile, bf16, FSDP, serving and latency on CUDA).
 Marked ``cuda``; they run on ``SNNET_TEST_DEVICE`` (default ``cuda``) and skip, saying why, where
 that is CUDA and torch sees no GPU. ``tools/device_check.py --smoke`` runs the quick ones
 (``-m "cuda and not slow"``) with ``SNNET_TEST_DEVICE=cpu``, so their logic runs in CI too; the slow
-ones have CPU twins in test_resume.py, test_serve.py and test_cli.py.
+ones have CPU twins in test_resume.py, test_serve.py and test_deploy.py.
 """
 from __future__ import annotations
 
