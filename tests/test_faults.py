@@ -39,7 +39,7 @@ def test_full_disk_keeps_last_checkpoint_and_removes_partial(tmp_path, monkeypat
 
 
 def test_fit_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
-    from test_resume import tiny_config
+    from helpers import tiny_config
 
     config = tiny_config(tmp_path)
     full_disk(monkeypatch)
