@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -25,6 +26,9 @@ class AnchorView:
     ``layout`` / ``num_prefix_tokens`` hold at every point unless ``point_layouts`` /
     ``point_prefix_tokens`` (one entry per point) say otherwise: a plain net's classifier blocks
     after a flatten carry vectors after NCHW feature blocks. Read them with :meth:`layout_at`.
+    ``input_dtype``/``input_size``: the probe input's dtype (None: the model's parameters', e.g.
+    int64 token ids for a language model) and default size without batch (None: the model's own);
+    ``per_token``: FLOPs are reported per token of the probe sequence (input_size[0]), not per sample.
     """
 
     model: nn.Module
@@ -39,6 +43,9 @@ class AnchorView:
     num_prefix_tokens: int = 0
     point_layouts: list[Layout] | None = None
     point_prefix_tokens: list[int] | None = None
+    input_dtype: torch.dtype | None = None
+    input_size: tuple[int, ...] | None = None
+    per_token: bool = False
 
     def __post_init__(self) -> None:
         points = len(self.blocks) + 1
@@ -65,6 +72,7 @@ class AnchorView:
 
 
 _FAMILIES: dict[type, Callable[[nn.Module], AnchorView]] = {}
+_LAZY = ("LlamaForCausalLM",)  # a class registered by snnet.families.lm, imported on first use
 
 
 def register_family(*model_classes: type) -> Callable:
@@ -84,6 +92,8 @@ def supported_families() -> list[str]:
 
 def registered_adapter(model: nn.Module) -> Callable[[nn.Module], AnchorView] | None:
     """The hand adapter registered for ``model``'s class or a base class, if any."""
+    if type(model).__module__.startswith("transformers.") and not any(c.__name__ in _LAZY for c in _FAMILIES):
+        import snnet.families.lm  # noqa: F401  (registers the causal LMs; transformers is imported only here)
     return next((_FAMILIES[cls] for cls in type(model).__mro__ if cls in _FAMILIES), None)
 
 
