@@ -198,9 +198,12 @@ def _check_causal(hf_config: Any, name: str) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type)
+    if model_class is None:
         raise ValueError(f"anchor {name!r} is a {hf_config.model_type!r} model, not a causal language model "
                          f"({AutoModelForCausalLM.__name__} cannot load it); supported: {sorted(ARCHITECTURES)}")
+    if model_class not in ARCHITECTURES:
+        raise ValueError(f"anchor {name!r}: {model_class} is not a supported causal language model; supported: {sorted(ARCHITECTURES)}")
 
 
 def _causal(auto: Any, hf_config: Any, name: str, dtype: torch.dtype) -> nn.Module:
