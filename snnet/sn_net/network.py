@@ -385,7 +385,10 @@ class StitchableNetwork(nn.Module):
 
     def data_config(self) -> dict:
         """timm data config (mean/std, interpolation, crop) of the first anchor at the network's input
-        size: what the datamodules and the server preprocess with."""
+        size: what the datamodules and the server preprocess with. A language-model family's:
+        the sequence length (``input_size``, (T,)) and the vocabulary size, for the text datamodule."""
+        if self.views[0].per_token:
+            return {"input_size": self.profiles[0].input_size, "vocab_size": int(self.anchors[0].config.vocab_size)}
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config(model=self.anchors[0])
