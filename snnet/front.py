@@ -24,7 +24,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from snnet.results import LOWER_IS_BETTER, StitchResult, better, metric_value
+from snnet.results import LOWER_IS_BETTER, StitchResult, better, gflops, metric_value
 
 if TYPE_CHECKING:
     from snnet.sn_net.network import StitchableNetwork
@@ -50,15 +50,17 @@ class FrontFigures:
 
     def summary(self) -> str:
         """One line: what the user got."""
-        if self.metric in LOWER_IS_BETTER:
+        lower = self.metric in LOWER_IS_BETTER
+        if lower:
             worse = f"{self.below_lower} more than {self.margin:g} {self.metric} above the worse anchor of their pair"
             gap = f"median {self.metric} gap under the anchors' line (positive: better) "
         else:
             worse = f"{self.below_lower} more than {self.margin:g} point{'s' * (self.margin != 1)} below the lower anchor of their pair"
             gap = "median gap to the anchors' line "
         parts = [
-            f"{self.configurations} configurations from {self.min_gflops:.4g} to {self.max_gflops:.4g} GFLOPs",
-            f"{self.on_front} of {self.stitches} stitches on the front ({self.metric})",
+            f"{self.configurations} configurations from {gflops(self.min_gflops)} to {gflops(self.max_gflops)} GFLOPs per token" if lower
+            else f"{self.configurations} configurations from {self.min_gflops:.3f} to {self.max_gflops:.3f} GFLOPs",
+            f"{self.on_front} of {self.stitches} stitches on the front" + f" ({self.metric})" * lower,
             worse,
             gap + ("n/a" if self.median_gap is None else f"{self.median_gap:+.2f}"),
         ]

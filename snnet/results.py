@@ -134,6 +134,12 @@ def load_figures(path: str | os.PathLike) -> dict | None:
     return rows.get("figures") if isinstance(rows, dict) else None
 
 
+def gflops(value: float, digits: int = 3) -> str:
+    """GFLOPs to ``digits`` decimals, or to ``digits`` significant digits below 0.001 (a language
+    model's GFLOPs per token, which fixed decimals would print as 0.000)."""
+    return f"{value:.{digits}f}" if value >= 0.001 or value == 0 else f"{value:.{digits}g}"
+
+
 def better(metric: str) -> float:
     """+1 where a higher ``metric`` is better (accuracy), -1 where lower is (perplexity, loss)."""
     return -1.0 if metric in LOWER_IS_BETTER else 1.0
@@ -213,7 +219,7 @@ def format_rows(results: Sequence[StitchResult], front: Iterable[int] | None = N
     header += [label for _, label in extra]
     rows = []
     for r in results:
-        row = [str(r.id), r.name + (" (anchor)" if r.is_anchor else ""), f"{r.gflops:.4g}", f"{r.params / 1e6:.3f}"]
+        row = [str(r.id), r.name + (" (anchor)" if r.is_anchor else ""), gflops(r.gflops, 4), f"{r.params / 1e6:.3f}"]
         row += ["-" if getattr(r, k) is None else f"{getattr(r, k):.2f}" for k, _ in extra]
         rows.append(row)
     if front is not None:

@@ -9,7 +9,7 @@ import torch
 from snnet.families import anchor_view
 from snnet.families.lm import load_causal_lm
 from snnet.sn_net.network import StitchableNetwork
-from snnet.stitch_configs import AnchorDepths, generate_stitch_configs
+from snnet.sn_net.stitch_configs import AnchorDepths, generate_stitch_configs
 
 VOCAB = 64
 LLAMA = dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
