@@ -150,3 +150,113 @@ def test_bad_anchor_inputs_are_one_clear_error(tmp_path) -> None:
     net = StitchableNetwork([tiny("llama")], input_size=(8,))
     with pytest.raises(ValueError, match="sequence of 65 tokens"):
         net(torch.zeros(1, 65, dtype=torch.int64))
+
+
+# --- training: the SN-Net module, the text datamodule and the CLI on a tiny LM family --------------
+def save_family(root, widths=(16, 32, 48), depth: int = 2, seq_len: int = 16) -> list[str]:
+    from snnet.quickstart_lm import quickstart_lm_config
+
+    dirs = []
+    for i, width in enumerate(widths):
+        torch.manual_seed(i)
+        model = load_causal_lm(f"w{width}", quickstart_lm_config(width, depth=depth, seq_len=seq_len))
+        model.save_pretrained(root / f"w{width}")
+        dirs.append(str(root / f"w{width}"))
+    return dirs
+
+
+def fit_config(tmp_path, dirs: list[str], steps: int = 6) -> dict:
+    ckpt = {"dirpath": str(tmp_path / "checkpoints"), "save_top_k": -1, "every_n_train_steps": 3, "filename": "{step}"}
+    return {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "num_sanity_val_steps": 0, "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": ckpt},
+                                  {"class_path": "snnet.callbacks.StitchReport", "init_args": {"out_dir": str(tmp_path)}}]},
+        "model": {"class_path": "snnet.sn_net.module.SNNetModule", "init_args": {
+            "network": {"anchors": [{"name": d, "source": "transformers"} for d in dirs], "input_size": [16]},
+            "optim": {"lr": 0.003, "warmup_steps": 2},
+            "distill": {"teacher": "largest_anchor", "kind": "soft", "temperature": 2.0},
+            "stitch_init": {"images": 8, "batch_size": 4},
+        }},
+        "data": {"class_path": "snnet.text_data.TextDataModule", "init_args": {
+            "corpus": "python_stdlib", "max_bytes": 100_000, "batch_size": 4, "train_limit": 4 * steps, "val_limit": 8}},
+    }
+
+
+def run_fit(tmp_path, config: dict, *args: str) -> None:
+    import yaml
+
+    from snnet.cli import main
+
+    path = tmp_path / "fit.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path), *args])
+
+
+def test_fit_writes_ppl_rows_and_resume_is_bit_exact(tmp_path) -> None:
+    import json
+
+    dirs = save_family(tmp_path / "anchors")
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_fit(first, fit_config(first, dirs))
+    rows = json.loads((first / "fit_results.json").read_text())
+    stitches, figures = rows["stitches"], rows["figures"]
+    assert len(stitches) == 3 + 2 * 4  # depth 2: one window, pairs (0,0) (0,1) (1,0) (1,1) per adjacent pair
+    for row in stitches:
+        assert {"id", "name", "flops", "params", "is_anchor", "ppl", "loss", "acc1"} <= set(row)
+        assert row["ppl"] == pytest.approx(math.exp(row["loss"]))
+        assert 1.0 < row["ppl"] < 256  # byte-level: at most uniform after a few steps
+    assert figures["metric"] == "ppl"
+    # the same run resumed from its step-3 checkpoint ends with the same tensors, bit for bit
+    run_fit(second, fit_config(second, dirs), "--ckpt_path", str(first / "checkpoints" / "step=3.ckpt"))
+    a = torch.load(first / "checkpoints" / "step=6.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(second / "checkpoints" / "step=6.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((second / "fit_results.json").read_text())["stitches"] == stitches
+
+
+def test_quickstart_family_is_at_least_2x_apart_in_flops_per_token() -> None:
+    from snnet.quickstart_lm import QUICKSTART_LM_SEQ_LEN, QUICKSTART_LM_WIDTHS, quickstart_lm_config
+
+    anchors = [load_causal_lm(name, quickstart_lm_config(w)) for name, w in QUICKSTART_LM_WIDTHS.items()]
+    net = StitchableNetwork(anchors, names=list(QUICKSTART_LM_WIDTHS), input_size=(QUICKSTART_LM_SEQ_LEN,))
+    flops = [net.infos[a].flops for a in range(3)]
+    assert flops[1] >= 2 * flops[0] and flops[2] >= 2 * flops[1]
+    assert net.num_configs == 23
+
+
+# --- the text datamodule ------------------------------------------------------------------------------
+def test_text_datamodule_packs_next_token_pairs_and_splits_by_document(tmp_path) -> None:
+    from snnet.text_data import TextDataModule
+
+    for i in range(10):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 40)
+    dm = TextDataModule(paths=[str(tmp_path / "*.txt")], seq_len=16, val_fraction=0.2, batch_size=4)
+    dm.setup()
+    x, y = dm.train_set[0]
+    assert x.dtype == torch.int64 and x.shape == (16,) and torch.equal(x[1:], y[:-1])
+    again = TextDataModule(paths=[str(tmp_path / "*.txt")], seq_len=16, val_fraction=0.2, batch_size=4)
+    again.setup()
+    assert torch.equal(again.val_set.tokens, dm.val_set.tokens)  # deterministic split
+    train_text, val_text = bytes(dm.train_set.tokens.tolist()).decode(), bytes(dm.val_set.tokens.tolist()).decode()
+    held_out = {i for i in range(10) if f"document {i} " in val_text}
+    assert len(held_out) == 2 and not any(f"document {i} " in train_text for i in held_out)
+    xs, ys = dm.calibration_batch(3)
+    assert xs.shape == ys.shape == (3, 16)
+
+
+def test_text_datamodule_bad_inputs_name_the_value(tmp_path) -> None:
+    from snnet.text_data import TextDataModule
+
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="training split of the text corpus .* has 0 tokens"):
+        TextDataModule(paths=[str(tmp_path / "empty.txt")], seq_len=16).setup()
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        TextDataModule(paths=[str(tmp_path / "nothing_here/*.txt")], seq_len=16)
+    with pytest.raises(ValueError, match="unknown corpus 'wiki'"):
+        TextDataModule(corpus="wiki", seq_len=16)
+    with pytest.raises(ValueError, match=r"seq_len 32 differs from the network's input_size \(16,\)"):
+        TextDataModule(corpus="python_stdlib", max_bytes=1000, seq_len=32, data_config={"input_size": (16,), "vocab_size": 256})
