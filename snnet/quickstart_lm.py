@@ -23,7 +23,7 @@ from snnet.text_data import BYTE_VOCAB, TextDataModule
 
 # the task of configs/quickstart_lm.yaml: these must match its data section
 QUICKSTART_LM_SEQ_LEN, QUICKSTART_LM_MAX_BYTES = 64, 1_500_000
-QUICKSTART_LM_WIDTHS: dict[str, int] = {"llama_s": 48, "llama_m": 80, "llama_l": 128}
+QUICKSTART_LM_WIDTHS: dict[str, int] = {"llama_s": 32, "llama_m": 64, "llama_l": 128}
 QUICKSTART_LM_DEPTH = 4
 
 
@@ -72,7 +72,7 @@ def pretrain_lm(width: int, datamodule: TextDataModule, steps: int, lr: float, s
 def pretrain_lm_anchors(
     out_dir: str | Path = "outputs/quickstart_lm/anchors",
     widths: dict[str, int] | None = None,
-    steps: int = 300,
+    steps: int = 200,
     lr: float = 3e-3,
     batch_size: int = 32,
     seed: int = 0,

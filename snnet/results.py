@@ -135,9 +135,9 @@ def load_figures(path: str | os.PathLike) -> dict | None:
 
 
 def gflops(value: float, digits: int = 3) -> str:
-    """GFLOPs to ``digits`` decimals, or to ``digits`` significant digits below 0.001 (a language
+    """GFLOPs to ``digits`` decimals, or to ``digits`` significant digits below 0.01 (a language
     model's GFLOPs per token, which fixed decimals would print as 0.000)."""
-    return f"{value:.{digits}f}" if value >= 0.001 or value == 0 else f"{value:.{digits}g}"
+    return f"{value:.{digits}f}" if value >= 0.01 or value == 0 else f"{value:.{digits}g}"
 
 
 def better(metric: str) -> float:
