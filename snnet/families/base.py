@@ -6,6 +6,7 @@ takes priority for its classes. Everything else in snnet works on views only.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -72,7 +73,9 @@ class AnchorView:
 
 
 _FAMILIES: dict[type, Callable[[nn.Module], AnchorView]] = {}
-_LAZY = ("LlamaForCausalLM",)  # a class registered by snnet.families.lm, imported on first use
+# adapters of classes from heavy libraries, imported when a model of that library first asks:
+# module-name prefix of the model's class -> the snnet module that registers its adapters
+_LAZY_ADAPTERS: dict[str, str] = {"transformers.": "snnet.families.lm"}
 
 
 def register_family(*model_classes: type) -> Callable:
@@ -92,8 +95,9 @@ def supported_families() -> list[str]:
 
 def registered_adapter(model: nn.Module) -> Callable[[nn.Module], AnchorView] | None:
     """The hand adapter registered for ``model``'s class or a base class, if any."""
-    if type(model).__module__.startswith("transformers.") and not any(c.__name__ in _LAZY for c in _FAMILIES):
-        import snnet.families.lm  # noqa: F401  (registers the causal LMs; transformers is imported only here)
+    for prefix, module in _LAZY_ADAPTERS.items():
+        if type(model).__module__.startswith(prefix):
+            importlib.import_module(module)  # registers on first import; later calls are a dict lookup
     return next((_FAMILIES[cls] for cls in type(model).__mro__ if cls in _FAMILIES), None)
 
 
