@@ -260,3 +260,26 @@ def test_text_datamodule_bad_inputs_name_the_value(tmp_path) -> None:
         TextDataModule(corpus="wiki", seq_len=16)
     with pytest.raises(ValueError, match=r"seq_len 32 differs from the network's input_size \(16,\)"):
         TextDataModule(corpus="python_stdlib", max_bytes=1000, seq_len=32, data_config={"input_size": (16,), "vocab_size": 256})
+
+
+def test_text_datamodule_with_a_transformers_tokenizer_from_a_directory(tmp_path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from snnet.text_data import TextDataModule
+
+    text = "def stitch(a, b):\n    return a + b\n" * 30
+    for i in range(4):
+        (tmp_path / f"doc{i}.py").write_text(text)
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    vocab = len(PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok"))
+    dm = TextDataModule(paths=[str(tmp_path / "*.py")], tokenizer=str(tmp_path / "tok"), seq_len=8, val_fraction=0.25)
+    dm.setup()
+    eos = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok").eos_token_id
+    assert int(dm.train_set.tokens.max()) < vocab and (dm.train_set.tokens == eos).sum() == 3  # one per training document
+    with pytest.raises(ValueError, match=f"has {vocab} tokens but the anchors' vocabulary has {vocab - 1}"):
+        TextDataModule(paths=[str(tmp_path / "*.py")], tokenizer=str(tmp_path / "tok"),
+                       data_config={"input_size": (8,), "vocab_size": vocab - 1}).setup()
