@@ -14,8 +14,8 @@ import snnet.models  # noqa: F401  (registers the CIFAR ResNets in timm)
 from snnet.errors import did_you_mean
 from snnet.moved import moved_attribute
 
-Source = Literal["timm", "torchvision", "class_path"]
-SOURCES: tuple[str, ...] = ("timm", "torchvision", "class_path")
+Source = Literal["timm", "torchvision", "class_path", "transformers"]
+SOURCES: tuple[str, ...] = ("timm", "torchvision", "class_path", "transformers")
 
 
 def expand_path(path: str | os.PathLike) -> Path:
@@ -45,8 +45,10 @@ def create_anchor(name: str, pretrained: bool = False, checkpoint: str | None = 
 class AnchorSpec:
     """One anchor: a model ``name`` from ``source`` with its own ``kwargs`` and weights.
 
-    ``source``: a timm name, a torchvision classification model name, or ``class_path`` (a dotted
-    ``pkg.module.Class`` built with ``kwargs``). ``pretrained``/``checkpoint`` default to the network's.
+    ``source``: a timm name, a torchvision classification model name, ``class_path`` (a dotted
+    ``pkg.module.Class`` built with ``kwargs``) or ``transformers`` (a causal language model: a local
+    directory or hub name loaded with ``from_pretrained``, or ``kwargs: {config: {model_type: llama,
+    ...}}`` for random weights; see :mod:`snnet.families.lm`). ``pretrained``/``checkpoint`` default to the network's.
     ``blocks`` names the block modules for the generic splitter (any ``nn.Module``).
     """
 
@@ -87,12 +89,28 @@ def create_from_spec(spec: AnchorSpec, pretrained: bool, model_kwargs: dict[str,
 
         path = expand_path(spec.checkpoint) if spec.checkpoint else None
         return create_torchvision(spec.name, pretrained=pretrained and path is None, checkpoint=path, **kwargs)
+    if spec.source == "transformers":
+        from snnet.families.lm import load_causal_lm
+
+        unknown = set(kwargs) - {"config"}
+        if unknown:
+            raise ValueError(f"transformers anchor {spec.name!r}: unknown kwargs {sorted(unknown)}; valid: ['config']")
+        return load_causal_lm(spec.name, kwargs.get("config"), pretrained=pretrained)
     model = _import_class(spec.name)(**kwargs)
     if spec.checkpoint is not None:
         from snnet.checkpoint_io import load_anchor_weights
 
         load_anchor_weights(model, expand_path(spec.checkpoint), spec.name)
     return model
+
+
+def display_name(spec: AnchorSpec) -> str:
+    """The anchor's name in stitch names: a class's own name, a model directory's last component."""
+    if spec.source == "class_path":
+        return spec.name.rpartition(".")[2]
+    if spec.source == "transformers":
+        return Path(spec.name.rstrip("/")).name
+    return spec.name
 
 
 def __getattr__(name: str) -> Any:

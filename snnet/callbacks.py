@@ -35,11 +35,12 @@ class StitchReport(L.Callback):
             return
         out = self._dir(trainer)
         figures = getattr(module, "figures", None)
-        front = front_ids(results) if all(r.acc1 is not None for r in results) else None
+        metric = getattr(module, "metric", "acc1")  # ppl for a language model (lower is better)
+        front = front_ids(results, metric) if all(getattr(r, metric) is not None for r in results) else None
         print_table(results, front=front)
         json_path, csv_path, png_path = out / f"{stage}_results.json", out / f"{stage}_results.csv", out / f"{stage}_pareto.png"
         save_results(results, json_path, csv_path, figures=figures.to_dict() if figures is not None else None)
-        plot_pareto(results, png_path, title=f"{stage}: accuracy vs FLOPs of every stitch", front=front)
+        plot_pareto(results, png_path, metric=metric, title=f"{stage}: {metric} vs FLOPs of every stitch", front=front)
         if figures is not None:
             print(figures.summary())
         print(f"results: {json_path}  {csv_path}\nPareto plot: {png_path}")

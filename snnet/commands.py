@@ -58,7 +58,7 @@ def stitches_command(argv: Sequence[str]) -> None:
     parser.add_argument("--stitch-stages", type=int, nargs="+", help="stages where stitching is allowed")
     parser.add_argument("--two-way", type=bool | None, help="SN-Netv2's space: both directions and two-hop routes (true/false)")
     parser.add_argument("--stitch-lora-rank", type=int | None, help="LoRA stitching layers of this rank (0: plain)")
-    parser.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    parser.add_argument("--input-size", type=int, nargs="+", help="C H W, or T (tokens) for language models")
     parser.add_argument("--num-classes", type=int | None)
     parser.add_argument("--json", type=str, help="write the table as a JSON list here")
     args = parse(parser, argv)
@@ -84,10 +84,12 @@ def stitches_command(argv: Sequence[str]) -> None:
 
 
 def add_budget_arguments(parser: ArgumentParser) -> None:
+    from snnet.results import METRICS
+
     parser.add_argument("--max-gflops", type=float | None, help="FLOPs budget in GFLOPs (a positive number)")
     parser.add_argument("--max-params", type=float | None, help="parameter count, e.g. 5e6")
     parser.add_argument("--max-latency-ms", type=float | None, help="needs latency_ms in the results (snnet bench latency)")
-    parser.add_argument("--metric", default="acc1", choices=["acc1", "acc5"])
+    parser.add_argument("--metric", default="acc1", choices=list(METRICS), help="ppl/loss: lower is better (language models)")
 
 
 def select_command(argv: Sequence[str]) -> None:

@@ -113,7 +113,82 @@ class EpochSampler(DistributedSampler):
         return zip(order.tolist(), sample_seeds[order].tolist())
 
 
-class ImageDataModule(L.LightningDataModule):
+class EpochDataModule(L.LightningDataModule):
+    """Loaders whose training order (and augmentation) is a function of (seed, epoch, rank) only,
+    resumable mid-epoch from a checkpoint: what every snnet datamodule shares. Subclasses set
+    ``train_set``/``val_set`` in ``setup``."""
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.resume_state: dict[str, int] | None = None  # from a checkpoint, used by the next train loader
+        self.class_names: list[str] | None = None  # set by setup() where the data names its classes
+
+    # --- resuming: the same data order and augmentation from the next unseen batch ------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next training batch falls (its epoch and how many of that epoch's batches are
+        done) and the class names, so a server can answer with names (snnet serve)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        state: dict[str, Any] = {"epoch": int(epoch), "batches_done": int(done), "world_size": trainer.world_size}
+        if self.class_names is not None:
+            state["class_names"] = self.class_names
+        return state
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_state = dict(state)
+
+    def _train_sampler(self, length: int) -> EpochSampler:
+        """This rank's sampler, starting at the epoch and batch a resumed run left off (once)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        state, self.resume_state = self.resume_state, None
+        if state is None:
+            return EpochSampler(length, self.seed, world, rank, trainer.current_epoch if trainer is not None else 0)
+        saved_world = state.get("world_size", 1)
+        if saved_world != world:
+            log.warning("resuming on %d processes a run saved on %d: the data split differs from the uninterrupted run's",
+                        world, saved_world)
+        skip = state.get("batches_done", 0) * self.batch_size * saved_world // world
+        return EpochSampler(length, self.seed, world, rank, state.get("epoch", 0), skip)
+
+    def _loader(self, train: bool) -> DataLoader:
+        self.setup()
+        if train:
+            dataset, batch_size = SeededSamples(self.train_set), self.batch_size
+            sampler = self._train_sampler(len(dataset))
+        else:
+            dataset, batch_size, sampler = self.val_set, self.eval_batch_size, None
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=train,
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class ImageDataModule(EpochDataModule):
     """Base: transforms from timm, loaders, subsets, and the calibration batch for least squares.
 
     ``train_transform``: ``timm`` (``create_transform(is_training=True, **augment)``, the ImageNet
@@ -137,27 +212,17 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         classes: list[int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers, seed)
         if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes) or min(classes) < 0):
             raise ValueError(f"classes must be at least 2 distinct non-negative class indices or null, got {classes}")
         if train_transform not in TRAIN_TRANSFORMS:
             raise ValueError(f"unknown train_transform {train_transform!r}; choose one of {TRAIN_TRANSFORMS}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data_config = data_config
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
         self.train_transform = train_transform
         self.augment = augment or {}
         self.train_limit = train_limit
         self.val_limit = val_limit
-        self.seed = seed
         self.classes = list(classes) if classes is not None else None
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.resume_state: dict[str, int] | None = None  # from a checkpoint, used by the next train loader
-        self.class_names: list[str] | None = None  # set by setup() where the data names its classes
 
     # --- what subclasses provide --------------------------------------------------------------
     def make_datasets(self, train_tf: Callable, eval_tf: Callable) -> tuple[Dataset, Dataset]:
@@ -224,63 +289,6 @@ class ImageDataModule(L.LightningDataModule):
         with global_rngs_kept():
             xs, ys = zip(*(samples[k] for k in keys))
         return torch.stack(xs), torch.as_tensor(ys)
-
-    # --- resuming: the same data order and augmentation from the next unseen batch ------------
-    def state_dict(self) -> dict[str, Any]:
-        """Where the next training batch falls (its epoch and how many of that epoch's batches are
-        done) and the class names, so a server can answer with names (snnet serve)."""
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
-            epoch, done = epoch + 1, 0
-        state: dict[str, Any] = {"epoch": int(epoch), "batches_done": int(done), "world_size": trainer.world_size}
-        if self.class_names is not None:
-            state["class_names"] = self.class_names
-        return state
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.resume_state = dict(state)
-
-    def _train_sampler(self, length: int) -> EpochSampler:
-        """This rank's sampler, starting at the epoch and batch a resumed run left off (once)."""
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        state, self.resume_state = self.resume_state, None
-        if state is None:
-            return EpochSampler(length, self.seed, world, rank, trainer.current_epoch if trainer is not None else 0)
-        saved_world = state.get("world_size", 1)
-        if saved_world != world:
-            log.warning("resuming on %d processes a run saved on %d: the data split differs from the uninterrupted run's",
-                        world, saved_world)
-        skip = state.get("batches_done", 0) * self.batch_size * saved_world // world
-        return EpochSampler(length, self.seed, world, rank, state.get("epoch", 0), skip)
-
-    def _loader(self, train: bool) -> DataLoader:
-        self.setup()
-        if train:
-            dataset, batch_size = SeededSamples(self.train_set), self.batch_size
-            sampler = self._train_sampler(len(dataset))
-        else:
-            dataset, batch_size, sampler = self.val_set, self.eval_batch_size, None
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=train,
-            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
 
 class CheckedImageFolder(ImageFolder):
     """ImageFolder whose unreadable images (corrupt, truncated, not an image) raise a

@@ -9,6 +9,10 @@ more than a point below the lower anchor of its pair, median gap +0.40):
 * stitches more than ``margin`` points below the lower (less accurate) anchor of their pair;
 * the median signed gap between a stitch's score and the straight line between its pair's two
   anchors at its FLOPs (FLOPs clamped to the anchors' range);
+
+For a lower-is-better metric (a language model's perplexity, :data:`snnet.results.LOWER_IS_BETTER`)
+"below" means worse: more than ``margin`` above the worse anchor's perplexity, and a gap is positive
+when the stitch's perplexity is under the line; the figures name their metric.
 * each anchor's change against its pretrained score (measured before training), when known.
 
 The pair of a stitch is its front and end anchor (``StitchResult.front_anchor/end_anchor``).
@@ -20,7 +24,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from snnet.results import StitchResult, metric_value
+from snnet.results import LOWER_IS_BETTER, StitchResult, better, gflops, metric_value
 
 if TYPE_CHECKING:
     from snnet.sn_net.network import StitchableNetwork
@@ -28,7 +32,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class FrontFigures:
-    """The four figures of one set of results (``metric`` in percent points)."""
+    """The four figures of one set of results (in ``metric``'s units: percent points, or perplexity)."""
 
     configurations: int
     stitches: int
@@ -46,11 +50,19 @@ class FrontFigures:
 
     def summary(self) -> str:
         """One line: what the user got."""
+        lower = self.metric in LOWER_IS_BETTER
+        if lower:
+            worse = f"{self.below_lower} more than {self.margin:g} {self.metric} above the worse anchor of their pair"
+            gap = f"median {self.metric} gap under the anchors' line (positive: better) "
+        else:
+            worse = f"{self.below_lower} more than {self.margin:g} point{'s' * (self.margin != 1)} below the lower anchor of their pair"
+            gap = "median gap to the anchors' line "
         parts = [
-            f"{self.configurations} configurations from {self.min_gflops:.3f} to {self.max_gflops:.3f} GFLOPs",
-            f"{self.on_front} of {self.stitches} stitches on the front",
-            f"{self.below_lower} more than {self.margin:g} point{'s' * (self.margin != 1)} below the lower anchor of their pair",
-            "median gap to the anchors' line " + ("n/a" if self.median_gap is None else f"{self.median_gap:+.2f}"),
+            f"{self.configurations} configurations from {gflops(self.min_gflops)} to {gflops(self.max_gflops)} GFLOPs per token" if lower
+            else f"{self.configurations} configurations from {self.min_gflops:.3f} to {self.max_gflops:.3f} GFLOPs",
+            f"{self.on_front} of {self.stitches} stitches on the front" + f" ({self.metric})" * lower,
+            worse,
+            gap + ("n/a" if self.median_gap is None else f"{self.median_gap:+.2f}"),
         ]
         if self.anchor_change:
             parts.append("anchors vs pretrained " + " ".join(f"{v:+.2f}" for v in self.anchor_change.values()))
@@ -59,12 +71,14 @@ class FrontFigures:
         return ", ".join(parts)
 
 
-def stitch_result(net: "StitchableNetwork", stitch: int, acc1: float | None = None, acc5: float | None = None) -> StitchResult:
+def stitch_result(net: "StitchableNetwork", stitch: int, acc1: float | None = None, acc5: float | None = None,
+                  loss: float | None = None, ppl: float | None = None) -> StitchResult:
     """Configuration ``stitch`` of ``net`` as a result row, with its pair when it is a stitch."""
     info, config = net.infos[stitch], net.configs[stitch]
     # a two-hop route (S -> L -> S) is judged against the line between the two anchors it visits
     pair = (None, None) if config.is_anchor else (config.anchors[0], next(a for a in reversed(config.anchors) if a != config.anchors[0]))
-    return StitchResult(info.id, info.name, info.flops, info.params, info.is_anchor, acc1, acc5, front_anchor=pair[0], end_anchor=pair[1])
+    return StitchResult(info.id, info.name, info.flops, info.params, info.is_anchor, acc1, acc5, front_anchor=pair[0], end_anchor=pair[1],
+                        loss=loss, ppl=ppl)
 
 
 def published_results(net: "StitchableNetwork", rows: Mapping[int, Mapping], tolerance: float = 0.01) -> list[StitchResult]:
@@ -88,29 +102,32 @@ def published_results(net: "StitchableNetwork", rows: Mapping[int, Mapping], tol
 
 
 def front_ids(results: Sequence[StitchResult], metric: str = "acc1") -> set[int]:
-    """Ids on the measured front: no strictly cheaper configuration scores as high or higher.
+    """Ids on the measured front: no strictly cheaper configuration scores as well or better.
 
     Configurations of equal FLOPs are each judged only against cheaper ones, the rule behind the
     reference's published counts (SN-Netv2 DeiT3-S/L: 14 stitches on the front, 10 with strict dominance).
     """
     ranked = sorted(results, key=lambda r: r.flops)
+    sign = better(metric)
     out, best, i = set(), -math.inf, 0
     while i < len(ranked):
         same = [r for r in ranked[i:] if r.flops == ranked[i].flops]
-        out.update(r.id for r in same if metric_value(r, metric) > best)
-        best = max(best, max(metric_value(r, metric) for r in same))
+        out.update(r.id for r in same if sign * metric_value(r, metric) > best)
+        best = max(best, max(sign * metric_value(r, metric) for r in same))
         i += len(same)
     return out
 
 
 def line_gap(stitch: StitchResult, low: StitchResult, high: StitchResult, metric: str = "acc1") -> float:
-    """``stitch``'s score minus the straight line between anchors ``low`` and ``high`` at its FLOPs
-    (clamped to the anchors' FLOPs range, so a stitch dearer than both is held to the dearer one)."""
-    (f0, s0), (f1, s1) = sorted([(low.flops, metric_value(low, metric)), (high.flops, metric_value(high, metric))])
+    """How much better ``stitch`` scores than the straight line between anchors ``low`` and ``high``
+    at its FLOPs (clamped to the anchors' FLOPs range, so a stitch dearer than both is held to the
+    dearer one): its score minus the line's, sign flipped for a lower-is-better metric."""
+    sign = better(metric)
+    (f0, s0), (f1, s1) = sorted([(low.flops, sign * metric_value(low, metric)), (high.flops, sign * metric_value(high, metric))])
     if f1 == f0:
-        return metric_value(stitch, metric) - max(s0, s1)
+        return sign * metric_value(stitch, metric) - max(s0, s1)
     t = min(max((stitch.flops - f0) / (f1 - f0), 0.0), 1.0)
-    return metric_value(stitch, metric) - (s0 + t * (s1 - s0))
+    return sign * metric_value(stitch, metric) - (s0 + t * (s1 - s0))
 
 
 def front_figures(
@@ -137,7 +154,8 @@ def front_figures(
             raise ValueError(f"stitch {s.id} ({s.name}) pairs anchors {missing} that are not among the results (ids {sorted(by_id)})")
         a, b = by_id[s.front_anchor], by_id[s.end_anchor]
         gaps.append(line_gap(s, a, b, metric))
-        below += metric_value(s, metric) < min(metric_value(a, metric), metric_value(b, metric)) - margin
+        sign = better(metric)
+        below += sign * metric_value(s, metric) < min(sign * metric_value(a, metric), sign * metric_value(b, metric)) - margin
     front = front_ids(results, metric)
     change = {}
     for anchor_id, before in (pretrained or {}).items():

@@ -21,15 +21,22 @@ from snnet.families import AnchorView, default_input_size
 
 @contextmanager
 def unfused_attention(model: nn.Module) -> Iterator[None]:
-    """Temporarily route timm attention through explicit matmuls so FLOPs are counted."""
+    """Temporarily route timm attention (``fused_attn``) and transformers attention (the config's
+    attention implementation) through explicit matmuls so FLOPs are counted."""
     fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    hf_impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switch_hf = hf_impl not in (None, "eager") and hasattr(model, "set_attn_implementation")
     for m in fused:
         m.fused_attn = False
+    if switch_hf:
+        model.set_attn_implementation("eager")
     try:
         yield
     finally:
         for m in fused:
             m.fused_attn = True
+        if switch_hf:
+            model.set_attn_implementation(hf_impl)
 
 
 def count_flops(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, int]:
@@ -45,7 +52,9 @@ def num_params(modules: list[nn.Module]) -> int:
 
 @dataclass
 class AnchorProfile:
-    input_size: tuple[int, int, int]
+    """Costs per sample, or per token (``flops_divisor``: the probe's tokens) for a language model."""
+
+    input_size: tuple[int, ...]
     stem_shape: tuple[int, ...]  # without batch
     block_shapes: list[tuple[int, ...]]
     stem_flops: int
@@ -54,6 +63,11 @@ class AnchorProfile:
     stem_params: int
     block_params: list[int]
     head_params: int
+    flops_divisor: int = 1
+
+    def per_unit(self, flops: int) -> int:
+        """FLOPs of a probe forward in this profile's unit (per sample, or per token)."""
+        return round(flops / self.flops_divisor)
 
     @property
     def flops(self) -> int:
@@ -65,16 +79,18 @@ class AnchorProfile:
 
 
 @torch.no_grad()
-def profile_anchor(view: AnchorView, input_size: tuple[int, int, int] | None = None) -> AnchorProfile:
-    """Run one image through the view, recording each part's output shape and FLOPs."""
+def profile_anchor(view: AnchorView, input_size: tuple[int, ...] | None = None) -> AnchorProfile:
+    """Run one sample through the view, recording each part's output shape and FLOPs (per token for
+    a ``per_token`` view: a language model's FLOPs at the probe's sequence length, divided by it)."""
     model = view.model
-    input_size = tuple(input_size or default_input_size(model))
+    input_size = tuple(input_size or view.input_size or default_input_size(model))
+    divisor = input_size[0] if view.per_token else 1
     param = next(model.parameters())
     was_training = model.training
     model.eval()
     try:
         with unfused_attention(model):
-            x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+            x = torch.zeros(1, *input_size, device=param.device, dtype=view.input_dtype or param.dtype)
             x, stem_flops = count_flops(view.stem, x)
             stem_shape = tuple(x.shape[1:])
             shapes, flops = [], []
@@ -89,7 +105,8 @@ def profile_anchor(view: AnchorView, input_size: tuple[int, int, int] | None = N
     head_params = num_params(view.head_modules)
     total = num_params([model])
     return AnchorProfile(
-        input_size=input_size, stem_shape=stem_shape, block_shapes=shapes, stem_flops=stem_flops,
-        block_flops=flops, head_flops=head_flops, stem_params=total - sum(block_params) - head_params,
-        block_params=block_params, head_params=head_params,
+        input_size=input_size, stem_shape=stem_shape, block_shapes=shapes, stem_flops=round(stem_flops / divisor),
+        block_flops=[round(f / divisor) for f in flops], head_flops=round(head_flops / divisor),
+        stem_params=total - sum(block_params) - head_params, block_params=block_params, head_params=head_params,
+        flops_divisor=divisor,
     )

@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 
 from snnet.errors import BadFileError
 
-METRICS: tuple[str, ...] = ("acc1", "acc5")
+METRICS: tuple[str, ...] = ("acc1", "acc5", "ppl", "loss")
+LOWER_IS_BETTER: frozenset[str] = frozenset({"ppl", "loss"})  # a language model's perplexity and loss
 COSTS: dict[str, str] = {"gflops": "flops", "params": "params", "latency_ms": "latency_ms"}
 
 
@@ -21,6 +22,8 @@ class StitchResult:
     """One configuration's cost (FLOPs per image, 2 per multiply-add; parameters on its path) and scores.
 
     ``front_anchor``/``end_anchor``: a stitch's pair, the ids of its first and last anchor (None for anchors).
+    A language model's row: ``acc1``/``acc5`` are next-token top-1/top-5 accuracy (%), ``loss`` the mean
+    next-token cross-entropy (nats), ``ppl`` its exponential; FLOPs are per token.
     """
 
     id: int
@@ -33,6 +36,8 @@ class StitchResult:
     latency_ms: float | None = None
     front_anchor: int | None = None
     end_anchor: int | None = None
+    loss: float | None = None
+    ppl: float | None = None
 
     @property
     def gflops(self) -> float:
@@ -129,6 +134,17 @@ def load_figures(path: str | os.PathLike) -> dict | None:
     return rows.get("figures") if isinstance(rows, dict) else None
 
 
+def gflops(value: float, digits: int = 3) -> str:
+    """GFLOPs to ``digits`` decimals, or to ``digits`` significant digits below 0.01 (a language
+    model's GFLOPs per token, which fixed decimals would print as 0.000)."""
+    return f"{value:.{digits}f}" if value >= 0.01 or value == 0 else f"{value:.{digits}g}"
+
+
+def better(metric: str) -> float:
+    """+1 where a higher ``metric`` is better (accuracy), -1 where lower is (perplexity, loss)."""
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+
 def metric_value(r: StitchResult, metric: str) -> float:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
@@ -139,11 +155,12 @@ def metric_value(r: StitchResult, metric: str) -> float:
 
 
 def pareto_front(results: Iterable[StitchResult], cost: str = "flops", metric: str = "acc1") -> list[StitchResult]:
-    """Stitches no other stitch beats on both cost (lower) and score (higher), cheapest first."""
-    ranked = sorted(results, key=lambda r: (getattr(r, cost), -metric_value(r, metric)))
+    """Stitches no other stitch beats on both cost (lower) and score (better), cheapest first."""
+    sign = better(metric)
+    ranked = sorted(results, key=lambda r: (getattr(r, cost), -sign * metric_value(r, metric)))
     front, best = [], -math.inf
     for r in ranked:
-        score = metric_value(r, metric)
+        score = sign * metric_value(r, metric)
         if score > best:
             front.append(r)
             best = score
@@ -167,7 +184,7 @@ def select_stitch(
     max_latency_ms: float | None = None,
     metric: str = "acc1",
 ) -> StitchResult:
-    """The most accurate stitch within every given budget (ties: the cheaper in FLOPs)."""
+    """The best-scoring stitch (most accurate, or lowest perplexity) within every given budget (ties: the cheaper in FLOPs)."""
     given = check_budgets({"max_gflops": max_gflops, "max_params": max_params, "max_latency_ms": max_latency_ms})
     budgets = {k.removeprefix("max_"): v for k, v in given.items()}
     if not budgets:
@@ -190,19 +207,19 @@ def select_stitch(
             parts.append(f"each of {given} is met by some stitch, but no stitch meets all of them at once; "
                          "relax one of them")
         raise ValueError("no stitch fits the budget: " + "; ".join(parts))
-    return max(fits, key=lambda r: (metric_value(r, metric), -r.flops))
+    return max(fits, key=lambda r: (better(metric) * metric_value(r, metric), -r.flops))
 
 
 def format_rows(results: Sequence[StitchResult], front: Iterable[int] | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the human-readable table (GFLOPs, M params, accuracies where measured);
     ``front`` (ids) adds a column marking the configurations on the measured front."""
     header = ["id", "name", "GFLOPs", "params (M)"]
-    extra = [(k, label) for k, label in (("acc1", "top-1 %"), ("acc5", "top-5 %"), ("latency_ms", "latency ms"))
+    extra = [(k, label) for k, label in (("acc1", "top-1 %"), ("acc5", "top-5 %"), ("loss", "loss"), ("ppl", "ppl"), ("latency_ms", "latency ms"))
              if any(getattr(r, k) is not None for r in results)]
     header += [label for _, label in extra]
     rows = []
     for r in results:
-        row = [str(r.id), r.name + (" (anchor)" if r.is_anchor else ""), f"{r.gflops:.4f}", f"{r.params / 1e6:.3f}"]
+        row = [str(r.id), r.name + (" (anchor)" if r.is_anchor else ""), gflops(r.gflops, 4), f"{r.params / 1e6:.3f}"]
         row += ["-" if getattr(r, k) is None else f"{getattr(r, k):.2f}" for k, _ in extra]
         rows.append(row)
     if front is not None:
@@ -270,10 +287,10 @@ def plot_pareto(
                    edgecolors="tab:green", lw=1.2, label=f"on the front ({sum(not r.is_anchor for r in ringed)} stitches)", zorder=2)
     anchors = [r for r in scored if r.is_anchor]
     ax.scatter([r.gflops for r in anchors], [metric_value(r, metric) for r in anchors], marker="*", s=140, color="tab:red", label="anchors", zorder=3)
-    ax.set_xlabel("GFLOPs per image")
-    ax.set_ylabel(f"{metric} (%)")
+    ax.set_xlabel("GFLOPs per token" if metric in LOWER_IS_BETTER else "GFLOPs per image")
+    ax.set_ylabel(f"{metric} (lower is better)" if metric in LOWER_IS_BETTER else f"{metric} (%)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right" if metric in LOWER_IS_BETTER else "lower right")
     if title:
         ax.set_title(title)
     fig.tight_layout()

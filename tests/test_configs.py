@@ -19,10 +19,11 @@ EXPECTED_CONFIGS = {
 GENERAL_STITCH_CONFIGS = {"stitch_resnet20_resnet56.yaml": "cifar_resnet20[:3] -> cifar_resnet56[18:]"}
 SIMILARITY_CONFIGS = {"similarity_resnet56_resnet20.yaml": 22}  # stitched layer pairs
 STITCHNET_CONFIGS = {"stitchnet_cifar10.yaml": 9 + 15 + 21 + 27}  # fragments in the pool (one per block)
+LM_CONFIGS = {"quickstart_lm.yaml": 23}  # built and fitted in tests/test_lm.py (its anchors are directories)
 
 
 def test_every_config_is_covered():
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*EXPECTED_CONFIGS, *GENERAL_STITCH_CONFIGS, *SIMILARITY_CONFIGS, *STITCHNET_CONFIGS])
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted([*EXPECTED_CONFIGS, *GENERAL_STITCH_CONFIGS, *SIMILARITY_CONFIGS, *STITCHNET_CONFIGS, *LM_CONFIGS])
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,11 @@ takes priority for its classes. Everything else in snnet works on views only.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -25,6 +27,9 @@ class AnchorView:
     ``layout`` / ``num_prefix_tokens`` hold at every point unless ``point_layouts`` /
     ``point_prefix_tokens`` (one entry per point) say otherwise: a plain net's classifier blocks
     after a flatten carry vectors after NCHW feature blocks. Read them with :meth:`layout_at`.
+    ``input_dtype``/``input_size``: the probe input's dtype (None: the model's parameters', e.g.
+    int64 token ids for a language model) and default size without batch (None: the model's own);
+    ``per_token``: FLOPs are reported per token of the probe sequence (input_size[0]), not per sample.
     """
 
     model: nn.Module
@@ -39,6 +44,9 @@ class AnchorView:
     num_prefix_tokens: int = 0
     point_layouts: list[Layout] | None = None
     point_prefix_tokens: list[int] | None = None
+    input_dtype: torch.dtype | None = None
+    input_size: tuple[int, ...] | None = None
+    per_token: bool = False
 
     def __post_init__(self) -> None:
         points = len(self.blocks) + 1
@@ -65,6 +73,9 @@ class AnchorView:
 
 
 _FAMILIES: dict[type, Callable[[nn.Module], AnchorView]] = {}
+# adapters of classes from heavy libraries, imported when a model of that library first asks:
+# module-name prefix of the model's class -> the snnet module that registers its adapters
+_LAZY_ADAPTERS: dict[str, str] = {"transformers.": "snnet.families.lm"}
 
 
 def register_family(*model_classes: type) -> Callable:
@@ -84,6 +95,9 @@ def supported_families() -> list[str]:
 
 def registered_adapter(model: nn.Module) -> Callable[[nn.Module], AnchorView] | None:
     """The hand adapter registered for ``model``'s class or a base class, if any."""
+    for prefix, module in _LAZY_ADAPTERS.items():
+        if type(model).__module__.startswith(prefix):
+            importlib.import_module(module)  # registers on first import; later calls are a dict lookup
     return next((_FAMILIES[cls] for cls in type(model).__mro__ if cls in _FAMILIES), None)
 
 

@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from snnet.anchors import AnchorSpec, create_from_spec
+from snnet.anchors import AnchorSpec, create_from_spec, display_name
 from snnet.families import anchor_view
 from snnet.sn_net.network import StitchableNetwork
 
@@ -31,7 +31,7 @@ class NetworkConfig:
     stride: int = 1
     nearest: bool = True
     stitch_stages: list[int] | None = None
-    input_size: tuple[int, int, int] | None = None
+    input_size: tuple[int, ...] | None = None  # (C, H, W); (T,) tokens for language models
     two_way: bool = False
     stitch_lora_rank: int = 0
     imports: list[str] = field(default_factory=list)
@@ -81,7 +81,7 @@ def build_network(cfg: NetworkConfig) -> StitchableNetwork:
         if spec.blocks is not None:
             anchor_view(model, blocks=spec.blocks, input_size=cfg.input_size)  # cached: the network reuses it
     net = StitchableNetwork(
-        anchors, names=[spec.name.rpartition(".")[2] if spec.source == "class_path" else spec.name for spec in specs],
+        anchors, names=[display_name(spec) for spec in specs],
         kernel_size=cfg.kernel_size, stride=cfg.stride, nearest=cfg.nearest,
         stitch_stages=cfg.stitch_stages, input_size=cfg.input_size, two_way=cfg.two_way,
         stitch_lora_rank=cfg.stitch_lora_rank,

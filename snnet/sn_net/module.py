@@ -13,10 +13,8 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from lightning.pytorch.utilities import rank_zero_warn
-from torchmetrics.classification import MulticlassAccuracy
 
 from snnet.anchors import create_anchor
 from snnet.checkpoint_io import check_fits
@@ -31,6 +29,7 @@ from snnet.sn_net.build import NetworkConfig, build_network
 from snnet.sn_net.choice import StitchChoice
 from snnet.sn_net.compile import compile_stitchable
 from snnet.sn_net.sampling import sample_stitch, sampling_weights, with_anchor_share
+from snnet.sn_net.task import task_for
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +161,7 @@ class SNNetModule(L.LightningModule):
         if self.optim_cfg.bn_stats not in BN_STATS:
             raise ValueError(f"unknown optim.bn_stats {self.optim_cfg.bn_stats!r}; choose one of {BN_STATS}")
         self.net = build_network(network)
+        self.task = task_for(self.net)  # classification, or causal language modelling for a family of LMs
         self.infos = self.net.table()
         weights = sampling_weights([i.flops for i in self.infos], sampling, sampling_groups)
         if self.optim_cfg.freeze_anchors:  # an anchor step would train nothing
@@ -174,16 +174,13 @@ class SNNetModule(L.LightningModule):
             weights = with_anchor_share(weights, self.net.num_anchors, anchor_share)
         self.register_buffer("sample_weights", weights, persistent=False)
         self.register_buffer("stitches_initialised", torch.tensor(False))
-        # each anchor's top-1 before training, measured once at fit start and kept in the checkpoint
+        # each anchor's score before training (the task's metric: top-1 %, or perplexity for a language
+        # model), measured once at fit start and kept in the checkpoint
         self.register_buffer("pretrained_acc1", torch.full((self.net.num_anchors,), float("nan")))
         self.eval_ids = self._eval_ids(eval_stitches)
-        num_classes = self._num_classes()
-        self.val_acc1 = nn.ModuleList(MulticlassAccuracy(num_classes, top_k=1, average="micro") for _ in self.eval_ids)
-        self.val_acc5 = nn.ModuleList(
-            MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro") for _ in self.eval_ids
-        )
+        self.val_scores = nn.ModuleList(self.task.scores() for _ in self.eval_ids)
         self.teacher = self._make_teacher(self.distill_cfg)
-        self.mixup = self._make_mixup(self.loss_cfg, num_classes)
+        self.mixup = self._make_mixup(self.loss_cfg, self.task.num_classes)
         # compiled: one graph per configuration (bounded, reused on every revisit); the teacher too
         self.forward_fn = compile_stitchable(self.net, **(compile_options or {})) if compile else self.net
         self.teacher_fn = torch.compile(self.teacher, **(compile_options or {})) if compile and self.teacher is not None else self.teacher
@@ -198,9 +195,10 @@ class SNNetModule(L.LightningModule):
         return self.net.data_config()
 
     # --- construction helpers ---------------------------------------------------------------
-    def _num_classes(self) -> int:
-        head = self.net.anchors[-1]
-        return int(getattr(head, "num_classes"))
+    @property
+    def metric(self) -> str:
+        """The score results are ranked by: ``acc1`` (higher is better) or ``ppl`` (lower is better)."""
+        return self.task.metric
 
     def _eval_ids(self, which: str | int) -> list[int]:
         n, anchors = self.net.num_configs, self.net.num_anchors
@@ -223,17 +221,21 @@ class SNNetModule(L.LightningModule):
             teacher = copy.deepcopy(self.net.anchors[-1])
         else:
             teacher = create_anchor(cfg.teacher, pretrained=cfg.pretrained and cfg.checkpoint is None, checkpoint=cfg.checkpoint,
-                                    num_classes=self._num_classes())
+                                    num_classes=self.task.num_classes)
         teacher.requires_grad_(False).eval()
+        profile, view = self.net.profiles[-1], self.net.views[-1]
         with torch.no_grad(), unfused_attention(teacher):
-            _, flops = count_flops(teacher, torch.zeros(1, *self.net.profiles[-1].input_size))
-        self.teacher_flops = flops
-        log.info("teacher %s costs %.3f GFLOPs per image (forward only)", cfg.teacher, flops / 1e9)
+            _, flops = count_flops(teacher, torch.zeros(1, *profile.input_size, dtype=view.input_dtype or torch.float32))
+        self.teacher_flops = profile.per_unit(flops)
+        log.info("teacher %s costs %.6f GFLOPs per %s (forward only)", cfg.teacher, self.teacher_flops / 1e9,
+                 "token" if view.per_token else "image")
         return teacher
 
     def _make_mixup(self, cfg: LossConfig, num_classes: int):
         if cfg.mixup <= 0 and cfg.cutmix <= 0:
             return None
+        if self.task.metric != "acc1":
+            raise ValueError(f"loss.mixup {cfg.mixup} / loss.cutmix {cfg.cutmix} mix images; a language model takes neither (set both to 0)")
         from timm.data import Mixup
 
         return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
@@ -295,8 +297,8 @@ class SNNetModule(L.LightningModule):
 
     @torch.inference_mode()
     def measure_pretrained(self) -> None:
-        """Top-1 of every anchor on the validation data before any training step, once per run,
-        so that each validation can report how far training moved the anchors."""
+        """Every anchor's score (the task's metric) on the validation data before any training step,
+        once per run, so that each validation can report how far training moved the anchors."""
         if not bool(torch.isnan(self.pretrained_acc1).any()):
             return
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -306,7 +308,7 @@ class SNNetModule(L.LightningModule):
         loader = dm.val_dataloader()
         batches = len(loader) if isinstance(limit, float) and limit >= 1.0 else (int(limit) if isinstance(limit, int) else max(1, int(limit * len(loader))))
         anchors = list(range(self.net.num_anchors))
-        correct = torch.zeros(len(anchors), device=self.device)
+        scores = nn.ModuleList(self.task.scores() for _ in anchors).to(self.device)
         seen = 0
         was_training = self.net.training
         self.net.eval()
@@ -316,13 +318,15 @@ class SNNetModule(L.LightningModule):
                     break
                 x, y = x.to(self.device), y.to(self.device)
                 outputs = self.net.forward_many(x, anchors)
-                correct += torch.stack([(outputs[a].argmax(-1) == y).sum() for a in anchors]).to(correct.dtype)
+                for a in anchors:
+                    scores[a].update(outputs[a], y)
                 seen += len(y)
         finally:
             self.net.train(was_training)
         if seen:
-            self.pretrained_acc1.copy_(correct / seen * 100)
-            log.info("pretrained anchors' top-1 on %d validation images: %s", seen, [round(float(a), 2) for a in self.pretrained_acc1])
+            metric = self.task.metric
+            self.pretrained_acc1.copy_(torch.tensor([score.compute()[metric] for score in scores]))
+            log.info("pretrained anchors' %s on %d validation samples: %s", metric, seen, [round(float(a), 3) for a in self.pretrained_acc1])
 
     def on_fit_start(self) -> None:
         self.init_stitches()
@@ -377,22 +381,13 @@ class SNNetModule(L.LightningModule):
         return loss
 
     def _loss(self, logits: Tensor, target: Tensor, x: Tensor) -> Tensor:
-        smoothing = self.loss_cfg.label_smoothing
-        if target.ndim == 2:  # soft targets from mixup/cutmix
-            base = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        else:
-            base = F.cross_entropy(logits, target, label_smoothing=smoothing)
+        base = self.task.loss(logits, target, self.loss_cfg.label_smoothing)
         if self.teacher is None:
             return base
         cfg = self.distill_cfg
         with torch.inference_mode():
-            teacher_logits = self.teacher_fn(x)
-        teacher_logits = teacher_logits.clone()
-        if cfg.kind == "hard":
-            kd = F.cross_entropy(logits, teacher_logits.argmax(dim=-1))
-        else:
-            t = cfg.temperature
-            kd = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), reduction="batchmean", log_target=True) * t * t
+            teacher_logits = self.task.teacher_logits(self.teacher_fn(x))
+        kd = self.task.distill(logits, teacher_logits.clone(), cfg.kind, cfg.temperature)
         return (1 - cfg.alpha) * base + cfg.alpha * kd
 
     def train(self, mode: bool = True) -> "SNNetModule":
@@ -408,9 +403,7 @@ class SNNetModule(L.LightningModule):
         x, y = batch
         outputs = self.net.forward_many(x, self.eval_ids)  # shared prefixes computed once
         for i, stitch in enumerate(self.eval_ids):
-            logits = outputs[stitch]
-            self.val_acc1[i].update(logits, y)
-            self.val_acc5[i].update(logits, y)
+            self.val_scores[i].update(outputs[stitch], y)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -418,19 +411,16 @@ class SNNetModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.results = []
         for i, stitch in enumerate(self.eval_ids):
-            acc1 = float(self.val_acc1[i].compute()) * 100
-            acc5 = float(self.val_acc5[i].compute()) * 100
-            self.val_acc1[i].reset()
-            self.val_acc5[i].reset()
-            self.results.append(stitch_result(self.net, stitch, acc1, acc5))
+            self.results.append(stitch_result(self.net, stitch, **self.val_scores[i].compute()))
         pretrained = {a: float(v) for a, v in enumerate(self.pretrained_acc1.tolist())}
         scored = {r.id for r in self.results}
+        metric = self.task.metric
         # the figures need every anchor scored; a validation subset without them reports none
-        self.figures = front_figures(self.results, pretrained) if set(range(self.net.num_anchors)) <= scored else None
+        self.figures = front_figures(self.results, pretrained, metric) if set(range(self.net.num_anchors)) <= scored else None
         if not self.trainer.sanity_checking and self.results:
             stage = "test" if self.trainer.state.fn == "test" else "val"
-            metrics = {f"{stage}/acc1_stitch_{r.id:03d}": r.acc1 for r in self.results}
-            metrics[f"{stage}/acc1_mean"] = sum(r.acc1 for r in self.results) / len(self.results)
+            metrics = {f"{stage}/{metric}_stitch_{r.id:03d}": getattr(r, metric) for r in self.results}
+            metrics[f"{stage}/{metric}_mean"] = sum(getattr(r, metric) for r in self.results) / len(self.results)
             fig = self.figures
             if fig is not None:
                 metrics.update({f"{stage}/stitches_on_front": float(fig.on_front), f"{stage}/stitches_below_lower_anchor": float(fig.below_lower)})

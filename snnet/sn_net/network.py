@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class StitchInfo:
     id: int
     name: str
-    flops: int  # per image, FlopCounterMode convention (2 per multiply-add)
+    flops: int  # per image (per token for a language model), FlopCounterMode convention (2 per multiply-add)
     params: int  # parameters on this path only
     is_anchor: bool
 
@@ -65,7 +65,7 @@ class StitchableNetwork(nn.Module):
         stride: int = 1,
         nearest: bool = True,
         stitch_stages: Sequence[int] | None = None,
-        input_size: tuple[int, int, int] | None = None,
+        input_size: tuple[int, ...] | None = None,
         two_way: bool = False,
         stitch_lora_rank: int = 0,
     ) -> None:
@@ -76,6 +76,10 @@ class StitchableNetwork(nn.Module):
         if len(names) != len(anchors):
             raise ValueError(f"got {len(anchors)} anchors but {len(names)} names")
         views = [anchor_view(a) for a in anchors]
+        if any(v.per_token for v in views):
+            from snnet.families.lm import check_same_vocabulary
+
+            check_same_vocabulary(list(anchors), names)
         profiles = [profile_anchor(v, input_size) for v in views]
         order = sorted(range(len(anchors)), key=lambda i: (profiles[i].flops, profiles[i].params))
         self.anchors = nn.ModuleList([anchors[i] for i in order])
@@ -205,7 +209,7 @@ class StitchableNetwork(nn.Module):
         module = self.stitch_layers[layer].merged()
         param = module.proj.weight
         _, flops = count_flops(module, torch.zeros(1, *shape, device=param.device, dtype=param.dtype))
-        return flops
+        return self.profiles[spec.front].per_unit(flops)
 
     # --- runtime --------------------------------------------------------------------------
     @property
@@ -387,7 +391,10 @@ class StitchableNetwork(nn.Module):
 
     def data_config(self) -> dict:
         """timm data config (mean/std, interpolation, crop) of the first anchor at the network's input
-        size: what the datamodules and the server preprocess with."""
+        size: what the datamodules and the server preprocess with. A language-model family's:
+        the sequence length (``input_size``, (T,)) and the vocabulary size, for the text datamodule."""
+        if self.views[0].per_token:
+            return {"input_size": self.profiles[0].input_size, "vocab_size": int(self.anchors[0].config.vocab_size)}
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config(model=self.anchors[0])
