@@ -2,7 +2,7 @@
 
 Reproduces the reference generator (sliding windows, nearest pairs, fast-to-slow, stage-local
 stitching for hierarchical families, nearest interpolation of block ids for unequal depths) with
-two deliberate fixes, both documented in the README:
+two deliberate fixes, both documented in docs/how-it-works.md:
 
 * for unequal depths, stitches that read the same front block share one stitching layer (the
   reference groups them by list position, an accident of ``zip``);
