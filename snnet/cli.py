@@ -66,6 +66,9 @@ class SNNetCLI(LightningCLI):
                 hint = f" (it holds {len(found)}: {', '.join(str(p) for p in found[:3])})" if found else " (it holds no *.ckpt)"
                 raise IsADirectoryError(f"--ckpt_path {path} is a folder: give one checkpoint file{hint} or 'last'")
             checkpoint = read_checkpoint(path)  # names a missing or unreadable file
+            if "pytorch-lightning_version" not in checkpoint:  # the trainer needs it to restore anything
+                raise CheckpointError(f"--ckpt_path {path}: not written by a Lightning Trainer (no pytorch-lightning_version); "
+                                      "give a checkpoint saved by `snnet fit`")
             model = self.config[subcommand].get("model")
             if model is not None:
                 init_args = model.get("init_args")
@@ -144,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             COMMANDS[command][0](argv[1:])
         else:
             valid = ", ".join([*LIGHTNING_COMMANDS, *COMMANDS])
-            print(f"snnet: unknown command {command!r}; choose one of: {valid}\n\n{usage()}", file=sys.stderr)
+            print(f"snnet: unknown command {command!r}; choose one of: {valid} (snnet --help says what each does)", file=sys.stderr)
             raise SystemExit(2)
     except USER_ERRORS as e:  # the one error path: a bad input or a fault is one line, not a traceback
         name = " ".join(argv[:2]) if command == "bench" and argv[1:2] and not argv[1].startswith("-") else command

@@ -162,6 +162,8 @@ class SNNetModule(L.LightningModule):
             raise ValueError(f"unknown optim.bn_stats {self.optim_cfg.bn_stats!r}; choose one of {BN_STATS}")
         self.net = build_network(network)
         self.task = task_for(self.net)  # classification, or causal language modelling for a family of LMs
+        if self.predict_choice.stitch is not None:
+            self.net.check_id(self.predict_choice.stitch)  # an id out of range is refused before any work
         self.infos = self.net.table()
         weights = sampling_weights([i.flops for i in self.infos], sampling, sampling_groups)
         if self.optim_cfg.freeze_anchors:  # an anchor step would train nothing
