@@ -47,7 +47,7 @@ def test_fit_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
         main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
     assert info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"snnet fit: cannot write checkpoint ") and f"in {tmp_path / 'checkpoints'}: No space left on device" in line
+    assert line.startswith("snnet fit: cannot write checkpoint ") and f"in {tmp_path / 'checkpoints'}: No space left on device" in line
     assert not list((tmp_path / "checkpoints").glob(f"*{PARTIAL}"))
 
 
