@@ -87,8 +87,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_
 
 
 def state_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor], limit: int = 3) -> str | None:
-    """One line on how ``found`` differs from ``expected`` (missing, unexpected, other shapes), or None."""
-    missing = [k for k in expected if k not in found]
+    """One line on how ``found`` differs from ``expected`` (missing, unexpected, other shapes), or None.
+    A missing BatchNorm ``num_batches_tracked`` is no mismatch: files saved before torch kept it (the
+    pretrained CIFAR ResNets) load strictly, BatchNorm filling it in."""
+    missing = [k for k in expected if k not in found and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in found if k not in expected]
     shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in found and hasattr(found[k], "shape") and tuple(found[k].shape) != tuple(v.shape)]
