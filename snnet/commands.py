@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from argparse import RawDescriptionHelpFormatter
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
@@ -93,13 +94,15 @@ def add_budget_arguments(parser: ArgumentParser) -> None:
 
 
 def select_command(argv: Sequence[str]) -> None:
-    from snnet.results import load_results, select_stitch
+    from snnet.deploy.pretrained import results_of
+    from snnet.results import select_stitch
 
     parser = new_parser("snnet select", "The most accurate measured stitch within a budget.")
-    parser.add_argument("--results", type=str, required=True, help="results JSON written by snnet validate")
+    parser.add_argument("--results", type=str, required=True,
+                        help="results JSON written by snnet validate, or a pretrained folder / Hub repo id (its results.json)")
     add_budget_arguments(parser)
     args = parse(parser, argv)
-    best = select_stitch(load_results(args.results), max_gflops=args.max_gflops, max_params=args.max_params,
+    best = select_stitch(results_of(args.results), max_gflops=args.max_gflops, max_params=args.max_params,
                          max_latency_ms=args.max_latency_ms, metric=args.metric)
     print(json.dumps(best.to_dict()))
 
@@ -114,8 +117,9 @@ def similarity_command(argv: Sequence[str]) -> None:
 
 def bench_latency_command(argv: Sequence[str]) -> None:
     from snnet.deploy.latency import DTYPES, measure_latency, parse_dtype, with_latency
-    from snnet.deploy.load import load_network
-    from snnet.results import load_figures, load_results, print_table, save_results
+    from snnet.deploy.onnx import onnx_latency, onnx_results
+    from snnet.deploy.pretrained import load_trained, results_of
+    from snnet.results import load_figures, print_table, save_results
     from snnet.sn_net.build import build_network
     from snnet.sn_net.choice import check_results_match
 
@@ -124,32 +128,49 @@ def bench_latency_command(argv: Sequence[str]) -> None:
         "Measure every stitch's forward latency (median ms) on this device and write it into a results "
         "file, for snnet select --max-latency-ms.",
     )
-    parser.add_argument("--results", type=str, required=True, help="results JSON (snnet validate or snnet stitches --json)")
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--results", type=str, help="results JSON (snnet validate or snnet stitches --json) or a pretrained "
+                        "folder; --runtime onnxruntime: optional (default: the costs and accuracies in the ONNX files' JSON)")
+    parser.add_argument("--runtime", default="pytorch", choices=["pytorch", "onnxruntime"],
+                        help="onnxruntime: time the ONNX files of --onnx on this CPU instead of the PyTorch network")
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--config", type=str, help="fit config whose network to time (built without weights: they do not change latency)")
-    source.add_argument("--ckpt", type=str, help="snnet fit checkpoint: time the trained network")
+    source.add_argument("--ckpt", type=str, help="snnet fit checkpoint, pretrained folder or Hub repo id: time the trained network")
+    source.add_argument("--onnx", type=str, help="--runtime onnxruntime: a folder written by snnet export --format onnx")
+    parser.add_argument("--threads", type=int | None, help="--runtime onnxruntime: intra-op threads (default: ONNX Runtime's)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--warmup", type=int, default=5, help="untimed forwards per stitch")
     parser.add_argument("--repeats", type=int, default=20, help="timed forwards per stitch (the median is kept)")
-    parser.add_argument("--out", type=str, help="write the results here (default: update --results in place)")
+    parser.add_argument("--out", type=str, help="write the results here (default: update --results in place; "
+                        "--runtime onnxruntime: the exported stitches' rows to ONNX_DIR/results.json)")
     args = parse(parser, argv)
     for name, low in (("batch_size", 1), ("repeats", 1), ("warmup", 0)):
         if getattr(args, name) < low:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    results = load_results(args.results)
-    if args.ckpt is not None:
-        net, _ = load_network(args.ckpt)
+    onnx = args.runtime == "onnxruntime"
+    if onnx != (args.onnx is not None) or (not onnx and (args.results is None or (args.config or args.ckpt) is None)):
+        raise UsageError("give --results and one of --config, --ckpt; or --runtime onnxruntime --onnx DIR")
+    if not onnx and args.out is None and not Path(args.results).is_file():
+        raise UsageError(f"--results {args.results} is no file to update in place (a pretrained folder is never changed): give --out")
+    if onnx:
+        results = onnx_results(args.onnx, None if args.results is None else results_of(args.results))
+        latency = onnx_latency(args.onnx, args.batch_size, args.warmup, args.repeats, args.threads)
     else:
-        net = build_network(network_config(network_section(args.config), f"{args.config} network").without_weights())
-    check_results_match(net, results)
-    latency = measure_latency(net, [r.id for r in results], args.batch_size, parse_dtype(args.dtype), args.device,
-                              args.warmup, args.repeats)
+        results = results_of(args.results)
+        if args.ckpt is not None:
+            net = load_trained(args.ckpt).net
+        else:
+            net = build_network(network_config(network_section(args.config), f"{args.config} network").without_weights())
+        check_results_match(net, results)
+        latency = measure_latency(net, [r.id for r in results], args.batch_size, parse_dtype(args.dtype), args.device,
+                                  args.warmup, args.repeats)
     results = with_latency(results, latency)
-    out = args.out or args.results
-    save_results(results, out, figures=load_figures(args.results))  # latency added, the figures kept
-    print_table(results, title=f"latency on {args.device}, batch {args.batch_size}, {args.dtype}")
+    out = args.out or (str(Path(args.onnx) / "results.json") if onnx else args.results)
+    figures = None if onnx or not Path(args.results).is_file() else load_figures(args.results)
+    save_results(results, out, figures=figures)  # latency added, the figures kept
+    where = "ONNX Runtime on cpu" if onnx else args.device
+    print_table(results, title=f"latency on {where}, batch {args.batch_size}, {'float32' if onnx else args.dtype}")
     print(f"wrote latency_ms of {len(results)} stitches to {out}")
 
 
@@ -171,31 +192,65 @@ def bench_command(argv: Sequence[str]) -> None:
 
 def export_command(argv: Sequence[str]) -> None:
     from snnet.deploy.export import export_stitch
-    from snnet.deploy.load import load_network
+    from snnet.deploy.onnx import export_onnx
+    from snnet.deploy.pretrained import load_trained, push_to_hub, results_of, save_pretrained
+    from snnet.deploy.staging import check_free
     from snnet.errors import writable_folder
-    from snnet.sn_net.choice import StitchChoice
+    from snnet.results import pareto_front
+    from snnet.sn_net.choice import StitchChoice, check_results_match
 
     parser = new_parser(
         "snnet export",
         "Write one stitch of a trained network as a standalone model: only the weights its path uses "
         "(model.safetensors), a recipe to rebuild it without the other anchors (stitch.json) and a "
-        "torch.export program (program.pt2).",
+        "torch.export program (program.pt2); --format onnx: ONNX files checked by ONNX Runtime "
+        "(one stitch, or --front); --format pretrained: the whole network as a Hub-style folder.",
     )
-    parser.add_argument("--ckpt", type=str, required=True, help="snnet fit checkpoint")
+    parser.add_argument("--ckpt", type=str, required=True, help="snnet fit checkpoint, pretrained folder or Hub repo id")
+    parser.add_argument("--format", default="torch", choices=["torch", "onnx", "pretrained"],
+                        help="torch (safetensors + torch.export), onnx, or pretrained (every stitch: weights, config.json, "
+                             "results, model card)")
     parser.add_argument("--stitch", type=int | None, help="configuration id (snnet stitches lists them)")
+    parser.add_argument("--front", type=bool, default=False, help="--format onnx: every stitch on the measured Pareto front (needs results)")
     add_budget_arguments(parser)
-    parser.add_argument("--results", type=str, help="results JSON with accuracies (snnet validate), to choose by budget")
-    parser.add_argument("--out", type=str, required=True, help="output folder (created; its files are replaced)")
+    parser.add_argument("--results", type=str, help="results JSON with accuracies (snnet validate), to choose by budget "
+                        "(default: a pretrained folder's own)")
+    parser.add_argument("--push-to-hub", type=str | None, help="--format pretrained: then upload the folder to this Hub repo id")
+    parser.add_argument("--out", type=str, required=True,
+                        help="output folder (torch: created, its files are replaced; onnx, pretrained: a new or empty one)")
     args = parse(parser, argv)
-    choice = StitchChoice(args.stitch, args.max_gflops, args.max_params, args.max_latency_ms, args.results, args.metric)
-    if choice.stitch is None and not choice.has_budget:
-        raise UsageError("give --stitch ID, or a budget (--max-gflops, --max-params, --max-latency-ms) with --results")
-    writable_folder(args.out, "--out")  # before any work: a bad --out fails at once
-    net, config = load_network(args.ckpt)
-    stitch = choice.resolve(net)
-    out = export_stitch(net, stitch, args.out, config.model_kwargs)
-    info = net.infos[stitch]
-    print(f"exported stitch {info.id} ({info.name}, {info.flops / 1e9:.4g} GFLOPs, {info.params} parameters) to {out}")
+    choice = StitchChoice(args.stitch, args.max_gflops, args.max_params, args.max_latency_ms, None, args.metric)
+    whole = args.format == "pretrained" or args.front
+    if args.front and args.format != "onnx" or args.push_to_hub and args.format != "pretrained":
+        raise UsageError("--front is for --format onnx, --push-to-hub for --format pretrained")
+    if whole == (choice.stitch is not None or choice.has_budget):
+        raise UsageError("give --stitch ID, or a budget (--max-gflops, --max-params, --max-latency-ms) with --results; "
+                         "or --front, or --format pretrained (every stitch)")
+    # before any work: a bad --out fails at once (onnx and pretrained folders are written whole, never into old files)
+    if args.format == "torch":
+        writable_folder(args.out, "--out")
+    else:
+        check_free(args.out)
+    trained = load_trained(args.ckpt)
+    net, results = trained.net, results_of(args.results) if args.results else trained.results
+    if args.format == "pretrained":
+        out = save_pretrained(net, trained.network, args.out, results, trained.class_names, trained.training)
+        print(f"wrote {net.num_configs} stitches of {args.ckpt} to {out}")
+        if args.push_to_hub:
+            print(f"uploaded {out} to {args.push_to_hub}: {push_to_hub(out, args.push_to_hub)}")
+        return
+    if args.front:
+        if results is None:
+            raise UsageError("--front needs measured accuracies: give --results (snnet validate)")
+        check_results_match(net, results)
+    ids = [r.id for r in pareto_front(results, metric=args.metric)] if args.front else [choice.resolve(net, results)]
+    if args.format == "onnx":
+        paths = export_onnx(net, ids, args.out, results, trained.class_names)
+    else:
+        paths = [export_stitch(net, ids[0], args.out, trained.network.model_kwargs)]
+    for stitch, path in zip(ids, paths):
+        info = net.infos[stitch]
+        print(f"exported stitch {info.id} ({info.name}, {info.flops / 1e9:.4g} GFLOPs, {info.params} parameters) to {path}")
 
 
 SERVE_HELP = """\
@@ -218,8 +273,10 @@ def serve_command(argv: Sequence[str]) -> None:
     from snnet.serve.launch import ServeConfig, serve
 
     parser = new_parser("snnet serve", SERVE_HELP, formatter_class=RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=str, required=True, help="snnet fit checkpoint (e.g. outputs/quickstart/**/last.ckpt)")
-    parser.add_argument("--results", type=str, required=True, help="results JSON with every stitch's accuracy (snnet validate/fit)")
+    parser.add_argument("--ckpt", type=str, required=True,
+                        help="snnet fit checkpoint (e.g. outputs/quickstart/**/last.ckpt), pretrained folder or Hub repo id")
+    parser.add_argument("--results", type=str | None,
+                        help="results JSON with every stitch's accuracy (snnet validate/fit); default: a pretrained folder's own")
     parser.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"])
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--policy", default="slo", choices=["slo", "fixed"], help="who chooses when a request does not (above)")

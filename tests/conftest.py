@@ -38,11 +38,12 @@ def cifar_data_config() -> dict:
     return resolve_data_config(model=timm.create_model("cifar_resnet20"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quickstart(tmp_path_factory):
     """The quickstart's `snnet fit` (configs/quickstart.yaml), shortened: its three anchors written
-    untrained where the config reads them (tools/pretrain_quickstart.py trains them; serving does
-    not care), a few training steps; its checkpoint and results file."""
+    untrained where the config reads them (tools/pretrain_quickstart.py trains them; serving and
+    export do not care), a few training steps; its checkpoint and results file. One fit per session,
+    shared by the serve and deploy tests."""
     import timm
     import torch
     from safetensors.torch import save_file

@@ -112,7 +112,7 @@ def export_onnx(
 
     ``results`` (same network) add each stitch's measured accuracy to its JSON; ``class_names`` name the outputs.
     """
-    ids = [net._check_id(s) for s in stitches]
+    ids = [net.check_id(s) for s in stitches]
     measured = {r.id: r for r in results or []}
     input_size = list(net.profiles[0].input_size)
     preprocessing = {k: list(v) if isinstance(v, tuple) else v for k, v in net.data_config().items()}
@@ -159,9 +159,18 @@ def read_exports(folder: str | os.PathLike) -> list[dict[str, Any]]:
     return sorted(metas, key=lambda m: m["id"])
 
 
-def export_results(folder: str | os.PathLike) -> list[StitchResult]:
-    """The exported stitches as results rows (their costs and the accuracies recorded at export)."""
-    return [StitchResult.from_dict(m) for m in read_exports(folder)]
+def onnx_results(folder: str | os.PathLike, results: Sequence[StitchResult] | None = None) -> list[StitchResult]:
+    """The exported stitches as results rows: from ``results`` where given (same id and name, else an
+    error), else the costs and accuracies their JSON recorded at export."""
+    metas = read_exports(folder)
+    if results is None:
+        return [StitchResult.from_dict(m) for m in metas]
+    by_id = {r.id: r for r in results}
+    for m in metas:
+        if m["id"] not in by_id or by_id[m["id"]].name != m["name"]:
+            raise ValueError(f"{Path(folder) / file_names(m['id'])[1]}: stitch {m['id']} {m['name']!r} is not in the given "
+                             "results: they describe another network")
+    return [by_id[m["id"]] for m in metas]
 
 
 def onnx_latency(

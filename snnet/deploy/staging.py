@@ -9,12 +9,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from snnet.errors import WriteError
+
 
 def check_free(out: str | os.PathLike) -> Path:
     """``out`` as a path, or a clear error when it is a file or a non-empty folder (never overwritten)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder: give a new output folder (nothing was written)")
+        raise WriteError(f"{out} exists and is not an empty folder: give a new output folder (nothing was written)")
     return out
 
 

@@ -37,12 +37,12 @@ class StitchAPI(ls.LitAPI):
         self.ckpt, self.api_key = ckpt, api_key
 
     def setup(self, device: str) -> None:
-        from snnet.deploy.load import load_network
+        from snnet.deploy.pretrained import load_trained
 
         # Ctrl+C reaches the whole process group: the worker keeps answering while the HTTP
         # process drains its in-flight requests, and stops when the main process ends it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.net, _ = load_network(self.ckpt)
+        self.net = load_trained(self.ckpt).net
         self.net.to(device).eval()
         self.torch_device = torch.device(device)
 

@@ -16,7 +16,6 @@ from typing import Literal
 import torch
 
 from snnet.deploy.latency import measure_latency, resolve_device
-from snnet.results import load_results
 from snnet.serve.policy import FixedPolicy, LatencyTable, Policy, SLOPolicy
 from snnet.sn_net.network import StitchableNetwork
 
@@ -29,7 +28,7 @@ class ServeConfig:
     """``snnet serve`` options (see ``snnet serve --help`` for what each does)."""
 
     ckpt: str
-    results: str
+    results: str | None = None  # None: the results a pretrained folder holds
     host: str = "127.0.0.1"
     port: int = 8000
     policy: Literal["slo", "fixed"] = "slo"
@@ -66,14 +65,11 @@ class ServeConfig:
 
 
 def read_checkpoint(path: str | Path) -> tuple[StitchableNetwork, list[str] | None]:
-    """The trained network and the class names its data saved (None where it had none)."""
-    from snnet.checkpoint_io import read_checkpoint as read_file
-    from snnet.deploy.load import load_network
+    """The trained network (checkpoint, pretrained folder or repo id) and its class names (None where it had none)."""
+    from snnet.deploy.pretrained import load_trained
 
-    net, _ = load_network(path)  # errors name the file (snnet.checkpoint_io.CheckpointError)
-    checkpoint = read_file(path)
-    names = next((v["class_names"] for v in checkpoint.values() if isinstance(v, dict) and "class_names" in v), None)
-    return net, None if names is None else [str(n) for n in names]
+    trained = load_trained(path)  # errors name the file (snnet.errors.BadFileError)
+    return trained.net, trained.class_names
 
 
 def batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -101,17 +97,21 @@ def eval_transform(net: StitchableNetwork):
 def build_server(cfg: ServeConfig):
     """Check the files, measure the latencies, and return the LitServer (not yet running) and its state."""
     from snnet.deploy.latency import with_latency
+    from snnet.deploy.pretrained import load_trained, results_of
     from snnet.serve.api import ServeState, StitchAPI, StitchServer
     from snnet.serve.request import Catalog
     from snnet.serve.stats import ServeStats
     from snnet.sn_net.choice import check_results_match
 
-    results = load_results(cfg.results)  # errors name the file
-    net, class_names = read_checkpoint(cfg.ckpt)
+    trained = load_trained(cfg.ckpt)  # errors name the file (snnet.errors.BadFileError)
+    net, class_names = trained.net, trained.class_names
+    results = results_of(cfg.results) if cfg.results is not None else trained.results  # errors name the file
+    if results is None:
+        raise ValueError(f"{cfg.ckpt} is a checkpoint: give --results (a results JSON written by snnet validate or fit)")
     try:
         check_results_match(net, results)
     except (ValueError, IndexError) as e:
-        raise ValueError(f"results file {cfg.results} does not describe checkpoint {cfg.ckpt}: {e}") from None
+        raise ValueError(f"results file {cfg.results or trained.local} does not describe checkpoint {cfg.ckpt}: {e}") from None
     if cfg.stitch is not None:
         net.check_id(cfg.stitch)
     if cfg.policy == "slo" and any(getattr(r, cfg.metric) is None for r in results):
@@ -138,7 +138,7 @@ def build_server(cfg: ServeConfig):
         max_pixels=cfg.max_image_pixels, max_payload_bytes=int(cfg.max_payload_mb * 2**20),
     )
     del net
-    api = StitchAPI(str(Path(cfg.ckpt).resolve()), cfg.max_batch_size, cfg.batch_timeout_ms / 1e3, cfg.api_key)
+    api = StitchAPI(str(trained.local.resolve()), cfg.max_batch_size, cfg.batch_timeout_ms / 1e3, cfg.api_key)
     server = StitchServer(
         api, state, accelerator=torch.device(device).type, devices=1, timeout=30,
         max_payload_size=state.max_payload_bytes, disable_openapi_url=True, fast_queue=cfg.fast_queue,
