@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from helpers import perturbed_network
-from snnet.anchors import NetworkConfig
 from snnet.cli import main
+from snnet.deploy.export import extract_stitch
 from snnet.deploy.onnx import OnnxCheckError, check_onnx, export_onnx, onnx_latency, read_exports, session
 from snnet.errors import WriteError
-from snnet.export import extract_stitch
 from snnet.results import load_results, pareto_front
 from snnet.serve.launch import read_checkpoint
+from snnet.sn_net.build import NetworkConfig
 
 CNN = NetworkConfig(anchors=["cifar_resnet20_w4", "cifar_resnet20_w8"], pretrained=False, input_size=(3, 16, 16))
 VIT = NetworkConfig(anchors=["deit_tiny_patch16_224", "deit_small_patch16_224"], pretrained=False,

@@ -85,6 +85,19 @@ def test_a_fresh_process_rebuilds_every_stitch_from_the_folder_alone(quickstart,
         torch.set_num_threads(threads)
 
 
+def test_the_folder_stands_in_for_checkpoint_and_results_in_select_and_export(quickstart, saved, tmp_path, capsys):
+    ckpt, results = quickstart
+    budget = ["--max-gflops", str(sorted(r.gflops for r in load_results(results))[len(load_results(results)) // 2])]
+    capsys.readouterr()
+    main(["select", "--results", str(results), *budget])
+    from_file = json.loads(capsys.readouterr().out)
+    main(["select", "--results", str(saved), *budget])
+    assert json.loads(capsys.readouterr().out) == from_file
+    main(["export", "--ckpt", str(saved), "--format", "onnx", *budget, "--out", str(tmp_path / "onnx")])  # the folder's own results
+    meta = json.loads((tmp_path / "onnx" / f"stitch-{from_file['id']}.json").read_text())
+    assert (meta["id"], meta["name"], meta["acc1"]) == (from_file["id"], from_file["name"], from_file["acc1"])
+
+
 def refused(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
