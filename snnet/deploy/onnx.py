@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,7 @@ def export_onnx(
                 "params": info.params, "is_anchor": info.is_anchor,
                 "acc1": None if result is None else result.acc1, "acc5": None if result is None else result.acc5,
                 "input": {"name": INPUT, "shape": ["batch", *input_size], "dtype": "float32", "preprocessing": preprocessing},
-                "output": {"name": OUTPUT, "shape": ["batch", int(getattr(net.anchors[-1], "num_classes"))], "dtype": "float32"},
+                "output": {"name": OUTPUT, "shape": ["batch", int(net.anchors[-1].num_classes)], "dtype": "float32"},
                 "class_names": None if class_names is None else list(class_names),
                 "check": check.__dict__, "exporter": f"torch {torch.__version__} torch.onnx.export(dynamo=True)",
             }
@@ -185,5 +186,5 @@ def onnx_latency(
     for meta in tqdm(read_exports(folder), desc=f"ONNX Runtime latency (batch {batch_size})", disable=not progress):
         run = session(folder / meta["file"], threads).run
         x = torch.randn(batch_size, *meta["input"]["shape"][1:])
-        out[meta["id"]] = median_ms(lambda t: run([OUTPUT], {INPUT: t.numpy()}), x, warmup, repeats)
+        out[meta["id"]] = median_ms(lambda t, run=run: run([OUTPUT], {INPUT: t.numpy()}), x, warmup, repeats)
     return out

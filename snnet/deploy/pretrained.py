@@ -22,11 +22,11 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -106,7 +106,7 @@ def save_pretrained(
             "network": _jsonable(dataclasses.asdict(network.without_weights())),
             "stitches": [{"id": i.id, "name": i.name} for i in net.infos],
             "preprocessing": _jsonable(net.data_config()),
-            "num_classes": int(getattr(net.anchors[-1], "num_classes")),
+            "num_classes": int(net.anchors[-1].num_classes),
             "class_names": None if class_names is None else [str(n) for n in class_names],
             "weights": {"file": WEIGHTS, "sha256": _sha256(tmp / WEIGHTS), "tensors": len(state)},
             "training": _jsonable(training or {}),
@@ -131,9 +131,9 @@ def model_card(net: StitchableNetwork, config: dict[str, Any], rows: Sequence[St
     lines = [
         "---", data.to_yaml(), "---", "",
         f"# {title or 'Stitchable network: ' + anchors}", "",
-        f"One stitchable network (SN-Net) of the anchors {anchors}: {len(rows)} stitches from {flops[0]:.4g} to "
-        f"{flops[-1]:.4g} GFLOPs per image, input {list(net.profiles[0].input_size)}, {config['num_classes']} classes. "
-        "Every stitch runs from these weights; choose one per device or budget.", "",
+        (f"One stitchable network (SN-Net) of the anchors {anchors}: {len(rows)} stitches from {flops[0]:.4g} to "
+         f"{flops[-1]:.4g} GFLOPs per image, input {list(net.profiles[0].input_size)}, {config['num_classes']} classes. "
+         "Every stitch runs from these weights; choose one per device or budget."), "",
     ]
     if plot:
         lines += ["![accuracy vs GFLOPs of every stitch](pareto.png)", ""]
@@ -158,8 +158,8 @@ def model_card(net: StitchableNetwork, config: dict[str, Any], rows: Sequence[St
         "snnet serve --ckpt <folder or repo>                                 # every stitch over HTTP",
         "snnet export --ckpt <folder or repo> --stitch ID --format onnx --out onnx/",
         "```", "",
-        f"Files: `{WEIGHTS}` (weights), `{CONFIG}` (the network config, stitch table, preprocessing "
-        f"{json.dumps(config['preprocessing'])}, class names), `{RESULTS}`, `{RESULTS_CSV}`.", "",
+        (f"Files: `{WEIGHTS}` (weights), `{CONFIG}` (the network config, stitch table, preprocessing "
+         f"{json.dumps(config['preprocessing'])}, class names), `{RESULTS}`, `{RESULTS_CSV}`."), "",
     ]
     return "\n".join(lines)
 
