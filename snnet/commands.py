@@ -211,7 +211,7 @@ def export_command(argv: Sequence[str]) -> None:
                         help="torch (safetensors + torch.export), onnx, or pretrained (every stitch: weights, config.json, "
                              "results, model card)")
     parser.add_argument("--stitch", type=int | None, help="configuration id (snnet stitches lists them)")
-    parser.add_argument("--front", type=bool, default=False, help="--format onnx: every stitch on the measured Pareto front (needs results)")
+    parser.add_argument("--front", action="store_true", help="--format onnx: every stitch on the measured Pareto front (needs results)")
     add_budget_arguments(parser)
     parser.add_argument("--results", type=str, help="results JSON with accuracies (snnet validate), to choose by budget "
                         "(default: a pretrained folder's own)")
