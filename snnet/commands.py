@@ -219,7 +219,7 @@ def export_command(argv: Sequence[str]) -> None:
     parser.add_argument("--out", type=str, required=True,
                         help="output folder (torch: created, its files are replaced; onnx, pretrained: a new or empty one)")
     args = parse(parser, argv)
-    choice = StitchChoice(args.stitch, args.max_gflops, args.max_params, args.max_latency_ms, None, args.metric)
+    choice = StitchChoice(args.stitch, args.max_gflops, args.max_params, args.max_latency_ms, args.results, args.metric)
     whole = args.format == "pretrained" or args.front
     if args.front and args.format != "onnx" or args.push_to_hub and args.format != "pretrained":
         raise UsageError("--front is for --format onnx, --push-to-hub for --format pretrained")
@@ -243,7 +243,9 @@ def export_command(argv: Sequence[str]) -> None:
         if results is None:
             raise UsageError("--front needs measured accuracies: give --results (snnet validate)")
         check_results_match(net, results)
-    ids = [r.id for r in pareto_front(results, metric=args.metric)] if args.front else [choice.resolve(net, results)]
+    # a --results file is read by the choice itself, so that its errors name the file
+    ids = ([r.id for r in pareto_front(results, metric=args.metric)] if args.front
+           else [choice.resolve(net, None if args.results and Path(args.results).is_file() else results)])
     if args.format == "onnx":
         paths = export_onnx(net, ids, args.out, results, trained.class_names)
     else:
