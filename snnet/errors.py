@@ -7,9 +7,10 @@ with code 2 instead of showing a traceback (``snnet.cli.main``).
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
@@ -20,6 +21,15 @@ class SNNetError(Exception):
 
 class BadFileError(SNNetError, ValueError):
     """An input file that exists but cannot be used; the message names it and says why."""
+
+
+def read_json(path: Path, what: str = "", error: type[BadFileError] = BadFileError) -> Any:
+    """The JSON in the file ``path``; unparsable text raises ``error`` naming the file (``what``, e.g.
+    ``"results file "``, stands before its path): the one reader of every JSON file snnet is given."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what}{path}: not valid JSON ({e})") from None
 
 
 def did_you_mean(name: str, choices: Iterable[str], otherwise: str = "") -> str:

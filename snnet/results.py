@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from snnet.errors import BadFileError
+from snnet.errors import BadFileError, read_json
 
 METRICS: tuple[str, ...] = ("acc1", "acc5", "ppl", "loss")
 LOWER_IS_BETTER: frozenset[str] = frozenset({"ppl", "loss"})  # a language model's perplexity and loss
@@ -105,10 +105,7 @@ def load_results(path: str | os.PathLike) -> list[StitchResult]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file not found: {path} (write one with `snnet validate` or `snnet stitches --json`)")
-    try:
-        rows = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadFileError(f"results file {path}: not valid JSON ({e})") from e
+    rows = read_json(path, "results file ")
     if isinstance(rows, dict):  # written with figures
         rows = rows.get("stitches")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from snnet.deploy.export import extract_stitch
 from snnet.deploy.latency import median_ms
 from snnet.deploy.staging import staged_folder
-from snnet.errors import BadFileError
+from snnet.errors import BadFileError, read_json
 from snnet.results import StitchResult
 from snnet.sn_net.network import StitchableNetwork
 
@@ -147,10 +147,7 @@ def read_exports(folder: str | os.PathLike) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"ONNX folder not found: {folder} (write one with `snnet export --format onnx`)")
     metas = []
     for path in sorted(folder.glob("stitch-*.json")):
-        try:
-            meta = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadFileError(f"{path}: not valid JSON ({e})") from e
+        meta = read_json(path)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise BadFileError(f"{path}: not an snnet ONNX description (format {FORMAT!r})")
         if not (folder / meta["file"]).is_file():

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from snnet.checkpoint_io import read_checkpoint, state_mismatch
 from snnet.deploy.staging import staged_folder
-from snnet.errors import BadFileError
+from snnet.errors import BadFileError, read_json
 from snnet.front import stitch_result
 from snnet.results import StitchResult, load_results, markdown_table, plot_pareto, save_results
 from snnet.sn_net.build import NetworkConfig, build_network
@@ -195,10 +195,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG
     if not path.is_file():
         raise PretrainedError(f"{path} not found: is {folder} a folder written by `snnet export --format pretrained`?")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PretrainedError(f"{path}: not valid JSON ({e})") from None
+    config = read_json(path, error=PretrainedError)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise PretrainedError(f"{path}: format {config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r}")
     return config
