@@ -43,7 +43,7 @@ CASES = [
     ("fit-missing-anchor-file", ["fit", "--config", "{fit}", "--model.init_args.network.checkpoints", "[{tmp}/nope.safetensors, null]"],
      "{tmp}/nope.safetensors"),
     ("fit-anchor-file-does-not-fit", ["fit", "--config", "{fit}", "--model.init_args.network.checkpoints", "[{bad_anchor}, null]"],
-     "checkpoint {bad_anchor} does not fit anchor 'cifar_resnet8': 43 missing weights (e.g. bn1.weight"),
+     "checkpoint {bad_anchor} does not fit anchor 'cifar_resnet8': 36 missing weights (e.g. bn1.weight"),
     ("fit-batch-size-0", ["fit", "--config", "{fit}", "--data.init_args.batch_size", "0"], "batch_size must be >= 1, got 0"),
     ("fit-unset-env-var", ["fit", "--config", "{images_fit}", "--data.init_args.root", "${SNNET_TEST_UNSET}/x"], "${SNNET_TEST_UNSET}"),
     ("fit-missing-data-folder", ["fit", "--config", "{images_fit}", "--data.init_args.root", "{tmp}/no_images"], "{tmp}/no_images/train"),
