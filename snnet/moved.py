@@ -50,9 +50,9 @@ MOVED_NAMES: dict[tuple[str, str], str] = {
 """(module, name) -> the module the name moved to."""
 
 
-def _warn(old: str, new: str) -> None:
+def _warn(old: str, new: str, stacklevel: int) -> None:
     warnings.warn(f"{old} moved to {new}; import it from there (the old path will be removed in a future release)",
-                  FutureWarning, stacklevel=3)
+                  FutureWarning, stacklevel=stacklevel)
 
 
 class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -64,7 +64,7 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        _warn(spec.name, MOVED_MODULES[spec.name])
+        _warn(spec.name, MOVED_MODULES[spec.name], stacklevel=3)
         module = importlib.import_module(MOVED_MODULES[spec.name])
         spec.loader_state = module.__spec__  # the import system sets the old name's spec on it next
         return module
@@ -87,5 +87,5 @@ def moved_attribute(module: str, name: str) -> Any:
         new = next((m for m in SPLIT_MODULES.get(module, ()) if hasattr(importlib.import_module(m), name)), None)
     if new is None:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    _warn(f"{module}.{name}", f"{new}.{name}")
+    _warn(f"{module}.{name}", f"{new}.{name}", stacklevel=4)  # the user's line, past the module's __getattr__
     return getattr(importlib.import_module(new), name)
