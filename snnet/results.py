@@ -74,13 +74,15 @@ class StitchResult:
         for key in ("flops", "params"):
             if not number(getattr(self, key)):
                 raise ValueError(f"{where}: {key} must be a finite non-negative number, got {getattr(self, key)!r}")
-        for key in ("acc1", "acc5", "latency_ms"):
+        for key in (*METRICS, "latency_ms"):
             value = getattr(self, key)
             if value is not None and not number(value):
                 raise ValueError(f"{where}: {key} must be a finite non-negative number or null, got {value!r}")
-        for key in METRICS:
+        for key in set(METRICS) - LOWER_IS_BETTER:
             if getattr(self, key) is not None and getattr(self, key) > 100:
                 raise ValueError(f"{where}: {key} is a percentage, at most 100, got {getattr(self, key)!r}")
+        if self.ppl is not None and self.ppl < 1:
+            raise ValueError(f"{where}: ppl is a perplexity, at least 1, got {self.ppl!r}")
         for key in ("front_anchor", "end_anchor"):
             if getattr(self, key) is not None and not number(getattr(self, key), integer=True):
                 raise ValueError(f"{where}: {key} must be an anchor id or null, got {getattr(self, key)!r}")

@@ -1,5 +1,6 @@
 """Results files, the Pareto front and choosing a stitch for a budget."""
 import json
+import math
 import random
 
 import pytest
@@ -102,6 +103,14 @@ def test_budgets_must_be_finite_and_positive(value):
         select_stitch(rows, max_gflops=value)
 
 
+def test_a_perplexity_above_100_is_a_valid_row(tmp_path):
+    """Perplexity is lower-is-better and unbounded (an untrained byte-level LM: about 256), not a percentage."""
+    rows = [StitchResult(i, f"s{i}", 10**9 * (i + 1), 10, i == 0, loss=5.5 - i, ppl=math.exp(5.5 - i)).to_dict() for i in range(2)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rows))
+    assert [r.ppl for r in load_results(path)] == [math.exp(5.5), math.exp(4.5)]
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("acc1", float("nan"), "acc1 must be a finite non-negative number or null, got nan"),
     ("acc1", 101.0, "acc1 is a percentage, at most 100, got 101.0"),
@@ -109,6 +118,8 @@ def test_budgets_must_be_finite_and_positive(value):
     ("latency_ms", float("inf"), "latency_ms must be a finite non-negative number or null, got inf"),
     ("id", "3", "id must be a non-negative integer, got '3'"),
     ("is_anchor", "yes", "is_anchor must be true or false, got 'yes'"),
+    ("ppl", float("nan"), "ppl must be a finite non-negative number or null, got nan"),
+    ("ppl", 0.5, "ppl is a perplexity, at least 1, got 0.5"),
 ])
 def test_every_results_row_is_checked_where_it_is_read(tmp_path, field, value, message):
     rows = [StitchResult(i, f"s{i}", 10**9 * (i + 1), 10, i == 0, 70.0 + i).to_dict() for i in range(3)]
