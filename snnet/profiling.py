@@ -50,6 +50,12 @@ def num_params(modules: list[nn.Module]) -> int:
     return sum(p.numel() for p in seen.values())
 
 
+def num_shared_params(a: list[nn.Module], b: list[nn.Module]) -> int:
+    """Parameters held by modules of both lists (tied weights)."""
+    in_b = {id(p) for m in b for p in m.parameters()}
+    return sum(p.numel() for p in {id(p): p for m in a for p in m.parameters() if id(p) in in_b}.values())
+
+
 @dataclass
 class AnchorProfile:
     """Costs per sample, or per token (``flops_divisor``: the probe's tokens) for a language model."""
@@ -64,6 +70,7 @@ class AnchorProfile:
     block_params: list[int]
     head_params: int
     flops_divisor: int = 1
+    tied_params: int = 0  # counted in both stem_params and head_params (an embedding tied to the output layer)
 
     def per_unit(self, flops: int) -> int:
         """FLOPs of a probe forward in this profile's unit (per sample, or per token)."""
@@ -75,7 +82,11 @@ class AnchorProfile:
 
     @property
     def params(self) -> int:
-        return self.stem_params + sum(self.block_params) + self.head_params
+        return self.end_params(stem=True, head=True) + sum(self.block_params)
+
+    def end_params(self, stem: bool, head: bool) -> int:
+        """Parameters of the stem and/or the head, a tensor they share counted once."""
+        return self.stem_params * stem + self.head_params * head - self.tied_params * (stem and head)
 
 
 @torch.no_grad()
@@ -104,9 +115,10 @@ def profile_anchor(view: AnchorView, input_size: tuple[int, ...] | None = None) 
     block_params = [num_params([b]) for b in view.blocks]
     head_params = num_params(view.head_modules)
     total = num_params([model])
+    tied = num_shared_params(view.stem_modules, view.head_modules) if view.stem_modules is not None else 0
     return AnchorProfile(
         input_size=input_size, stem_shape=stem_shape, block_shapes=shapes, stem_flops=round(stem_flops / divisor),
         block_flops=[round(f / divisor) for f in flops], head_flops=round(head_flops / divisor),
-        stem_params=total - sum(block_params) - head_params, block_params=block_params, head_params=head_params,
-        flops_divisor=divisor,
+        stem_params=total - sum(block_params) - head_params + tied, block_params=block_params, head_params=head_params,
+        flops_divisor=divisor, tied_params=tied,
     )

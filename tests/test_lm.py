@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -216,6 +217,51 @@ def test_fit_writes_ppl_rows_and_resume_is_bit_exact(tmp_path) -> None:
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((second / "fit_results.json").read_text())["stitches"] == stitches
+    # the checkpoint exports the lowest-perplexity stitch within a budget, standalone: no anchor directory needed
+    from snnet.cli import main
+    from snnet.deploy.export import load_program, load_stitch
+    from snnet.deploy.pretrained import load_trained
+    from snnet.results import load_results, select_stitch
+
+    budget = sorted(r["flops"] for r in stitches)[5] / 1e9
+    chosen = select_stitch(load_results(first / "fit_results.json"), max_gflops=budget, metric="ppl")
+    main(["export", "--ckpt", str(first / "checkpoints" / "step=6.ckpt"), "--results", str(first / "fit_results.json"),
+          "--metric", "ppl", "--max-gflops", str(budget), "--out", str(tmp_path / "export")])
+    net = load_trained(first / "checkpoints" / "step=6.ckpt").net.eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = net(ids, stitch=chosen.id)
+    shutil.rmtree(tmp_path / "anchors")
+    exported = load_stitch(tmp_path / "export")
+    with torch.no_grad():
+        assert torch.equal(exported(ids), expected)
+        assert torch.equal(load_program(tmp_path / "export").module()(ids), expected)
+
+
+def test_exported_stitches_of_a_tied_family_stand_alone_with_every_parameter_once(tmp_path) -> None:
+    """Tied embeddings (the quickstart's): a stitched path holds the front anchor's embedding and the end
+    anchor's tied output layer, an anchor path its one tied tensor; the export needs no model directory."""
+    from snnet.deploy.export import export_stitch, load_program, load_stitch
+    from snnet.sn_net.build import NetworkConfig, build_network
+
+    dirs = save_family(tmp_path / "anchors", widths=(16, 32), depth=3)
+    net = build_network(NetworkConfig(anchors=[{"name": d, "source": "transformers"} for d in dirs], input_size=[16])).eval()
+    assert [net.infos[a].params for a in range(2)] == [m.num_parameters() for m in net.anchors]  # tied counted once
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    stitched = next(i for i in net.infos if not i.is_anchor and i.name.startswith(net.anchor_names[0] + "[0:1]"))
+    for stitch in (0, 1, stitched.id):
+        export_stitch(net, stitch, tmp_path / f"s{stitch}")
+    shutil.rmtree(tmp_path / "anchors")
+    for stitch in (0, 1, stitched.id):
+        module = load_stitch(tmp_path / f"s{stitch}")
+        assert sum(p.numel() for p in module.parameters()) == net.infos[stitch].params
+        with torch.no_grad():
+            expected = net(ids, stitch=stitch)
+            assert torch.equal(module(ids), expected)
+            assert torch.equal(load_program(tmp_path / f"s{stitch}").module()(ids[:1].repeat(5, 1)), expected[:1].repeat(5, 1, 1))
+    # the stitched path: the front anchor's embedding (16 wide) and the end anchor's output layer (32 wide)
+    front, end = net.anchors
+    assert stitched.params > front.model.embed_tokens.weight.numel() + end.lm_head.weight.numel()
 
 
 def test_quickstart_family_is_at_least_2x_apart_in_flops_per_token() -> None:

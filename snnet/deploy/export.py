@@ -98,13 +98,18 @@ def _tensors(modules: Sequence[nn.Module]) -> set[int]:
 def trimmed_copy(model: nn.Module, part: AnchorPart) -> nn.Module:
     """A copy of ``model`` holding only the tensors of ``part``; every other parameter/buffer is ``None``.
 
-    The stem is whatever the model holds outside its blocks and head modules (as in ``profile_anchor``).
+    The stem is the view's ``stem_modules`` where it names them (an embedding tied to the head), else
+    whatever the model holds outside its blocks and head modules (as in ``profile_anchor``).
     """
     view = anchor_view(model)
     blocks, head = _tensors(view.blocks), _tensors(view.head_modules)
     keep = _tensors([view.blocks[b] for b in part.blocks]) | (head if part.head else set())
     if part.stem:
         keep |= _tensors([model]) - blocks - head
+        keep |= _tensors(view.stem_modules or [])
+    # non-persistent buffers (rotary frequencies every decoder layer reads) are derived, not weights:
+    # kept, they cost nothing in the file
+    keep |= _tensors([model]) - {id(t) for t in model.state_dict(keep_vars=True).values()}
     dropped = {i: None for i in _tensors([model]) - keep}
     return copy_with_view(model, memo=dropped)
 
@@ -162,7 +167,10 @@ def _part(net: StitchableNetwork, anchor: int, stem: bool, blocks: list[int], he
     spec = net.anchor_specs[anchor]
     if spec is None:
         return AnchorPart(_architecture(net.anchors[anchor], net.anchor_names[anchor]), stem, blocks, head)
-    rebuild = {"name": spec.name, "source": spec.source, "kwargs": dict(spec.kwargs), "blocks": spec.blocks}
+    kwargs = dict(spec.kwargs)
+    if spec.source == "transformers":  # the architecture itself, so the export needs no model directory or hub
+        kwargs = {"config": net.anchors[anchor].config.to_dict()}
+    rebuild = {"name": spec.name, "source": spec.source, "kwargs": kwargs, "blocks": spec.blocks}
     return AnchorPart(spec.name, stem, blocks, head, spec=rebuild)
 
 
@@ -243,17 +251,33 @@ def export_stitch(
     module = extract_stitch(net, stitch).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    aliases = _aliases(module)
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items() if k not in aliases}
     save_file(state, out / WEIGHTS, metadata={"format": "pt", "snnet": FORMAT})
     (out / RECIPE).write_text(json.dumps(asdict(recipe), indent=1))
     param = next(module.parameters())
-    if example_input is None:
-        example_input = torch.randn(2, *recipe.input_size, device=param.device, dtype=param.dtype)
+    if example_input is None:  # token ids (a language model) are zeros: a valid id in any vocabulary
+        dtype = net.views[net.configs[recipe.id].anchors[0]].input_dtype or param.dtype
+        make = torch.randn if dtype.is_floating_point else torch.zeros
+        example_input = make(2, *recipe.input_size, device=param.device, dtype=dtype)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(module, (example_input,), dynamic_shapes=({0: batch},))
     torch.export.save(program, out / PROGRAM)
     return out
+
+
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """State names whose tensor an earlier name holds (tied weights), mapped to that name:
+    safetensors stores each tensor once, loading fills the aliases back in."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
 
 
 def load_recipe(out_dir: str | os.PathLike) -> StitchRecipe:
@@ -268,6 +292,9 @@ def load_stitch(out_dir: str | os.PathLike, device: str | torch.device = "cpu") 
     recipe = load_recipe(out_dir)
     module = build_stitch(recipe)
     state = OrderedDict(load_file(Path(out_dir) / WEIGHTS, device=str(device)))
+    for alias, name in _aliases(module).items():
+        if name in state:
+            state[alias] = state[name]
     # current module versions: without them BatchNorm "upgrades" the state by adding num_batches_tracked
     # for every BatchNorm, including those of blocks the path does not use
     state._metadata = module.state_dict()._metadata  # type: ignore[attr-defined]

@@ -30,6 +30,8 @@ class AnchorView:
     ``input_dtype``/``input_size``: the probe input's dtype (None: the model's parameters', e.g.
     int64 token ids for a language model) and default size without batch (None: the model's own);
     ``per_token``: FLOPs are reported per token of the probe sequence (input_size[0]), not per sample.
+    ``stem_modules``: the modules the stem owns, where it shares a tensor with the head (a language
+    model's embedding tied to its output layer); None: whatever is in neither blocks nor head.
     """
 
     model: nn.Module
@@ -47,6 +49,7 @@ class AnchorView:
     input_dtype: torch.dtype | None = None
     input_size: tuple[int, ...] | None = None
     per_token: bool = False
+    stem_modules: list[nn.Module] | None = None
 
     def __post_init__(self) -> None:
         points = len(self.blocks) + 1

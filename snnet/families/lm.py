@@ -148,6 +148,7 @@ def lm_view(model: nn.Module) -> AnchorView:
         model=model, stem=stem, blocks=blocks, head=lambda x: head(norm(x)), head_modules=[norm, head],
         block_stages=[0] * len(blocks), layout="tokens", stitch_stages=(0,), isotropic=True,
         input_dtype=torch.int64, input_size=(min(context_length(model), DEFAULT_MAX_PROBE_TOKENS),), per_token=True,
+        stem_modules=[embed] + ([positions] if positions is not None else []),
     )
 
 

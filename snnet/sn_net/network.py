@@ -192,7 +192,8 @@ class StitchableNetwork(nn.Module):
     def _info(self, config: StitchConfig) -> StitchInfo:
         first, last = self.profiles[config.anchors[0]], self.profiles[config.anchors[-1]]
         flops = first.stem_flops + last.head_flops
-        params = first.stem_params + last.head_params
+        same = config.anchors[0] == config.anchors[-1]
+        params = first.end_params(stem=True, head=same) + (0 if same else last.end_params(stem=False, head=True))
         for anchor, start, stop, layer in self._segments(config):
             p = self.profiles[anchor]
             flops += sum(p.block_flops[start:stop])

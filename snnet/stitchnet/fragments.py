@@ -175,7 +175,7 @@ def _block_fragments(name: str, model: nn.Module, input_size: tuple[int, int, in
     for i, block in enumerate(view.blocks):
         steps: list[Callable[[Tensor], Tensor]] = [view.stem, block] if i == 0 else [block]
         owned = [model] if i == 0 else [block]  # the stem is a function over the model's modules
-        params = prof.block_params[i] + (prof.stem_params if i == 0 else 0) + (prof.head_params if i == last else 0)
+        params = prof.block_params[i] + prof.end_params(stem=i == 0, head=i == last)
         flops = prof.block_flops[i] + (prof.stem_flops if i == 0 else 0) + (prof.head_flops if i == last else 0)
         body = Steps(steps, owned)
         in_layout, in_prefix = ("nchw", 0) if i == 0 else view.layout_at(i)  # block i reads point i
