@@ -329,3 +329,28 @@ def test_text_datamodule_with_a_transformers_tokenizer_from_a_directory(tmp_path
     with pytest.raises(ValueError, match=f"has {vocab} tokens but the anchors' vocabulary has {vocab - 1}"):
         TextDataModule(paths=[str(tmp_path / "*.py")], tokenizer=str(tmp_path / "tok"),
                        data_config={"input_size": (8,), "vocab_size": vocab - 1}).setup()
+
+
+def test_latency_is_measured_on_token_ids_and_image_only_exports_say_so(tmp_path) -> None:
+    from snnet.deploy.latency import measure_latency
+    from snnet.deploy.onnx import export_onnx
+    from snnet.deploy.pretrained import save_pretrained
+    from snnet.sn_net.build import NetworkConfig
+
+    net = three_anchor_family(depths=(2, 2, 2))
+    ids = net.example_input(3)
+    assert ids.dtype == torch.int64 and ids.shape == (3, 16) and int(ids.max()) < VOCAB
+    latency = measure_latency(net, batch_size=2, warmup=0, repeats=1, progress=False)
+    assert sorted(latency) == list(range(net.num_configs)) and all(ms > 0 for ms in latency.values())
+    with pytest.raises(ValueError, match=r"ONNX export \(--format onnx\) is for image families so far"):
+        export_onnx(net, [0], tmp_path / "onnx")
+    with pytest.raises(ValueError, match=r"pretrained folder \(--format pretrained\) is for image families so far"):
+        save_pretrained(net, NetworkConfig(anchors=[{"name": "s", "source": "transformers"}]), tmp_path / "folder")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_relative_model_directory_missing_here_is_one_line(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"language model 'outputs/anchors/llama_s': no such directory \(from .*\) "
+                       r"and no reachable hub model"):
+        load_causal_lm("outputs/anchors/llama_s")

@@ -244,7 +244,7 @@ def export_stitch(
     their own kwargs and named blocks) are recorded with their specs. ``model_kwargs``: for anchors
     without one (a network built from models directly), the ``timm.create_model`` kwargs they were
     built with (e.g. ``num_classes``, ``img_size``), needed to rebuild them by name.
-    ``example_input`` (default: two random images of the network's input size) traces the program;
+    ``example_input`` (default: two random images, or sequences of token ids, of the network's input size) traces the program;
     its batch dimension is exported as dynamic.
     """
     recipe = stitch_recipe(net, stitch, model_kwargs)
@@ -255,11 +255,8 @@ def export_stitch(
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items() if k not in aliases}
     save_file(state, out / WEIGHTS, metadata={"format": "pt", "snnet": FORMAT})
     (out / RECIPE).write_text(json.dumps(asdict(recipe), indent=1))
-    param = next(module.parameters())
-    if example_input is None:  # token ids (a language model) are zeros: a valid id in any vocabulary
-        dtype = net.views[net.configs[recipe.id].anchors[0]].input_dtype or param.dtype
-        make = torch.randn if dtype.is_floating_point else torch.zeros
-        example_input = make(2, *recipe.input_size, device=param.device, dtype=dtype)
+    if example_input is None:
+        example_input = net.example_input(2)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(module, (example_input,), dynamic_shapes=({0: batch},))

@@ -76,7 +76,8 @@ def measure_latency(
     repeats: int = 20,
     progress: bool = True,
 ) -> dict[int, float]:
-    """Median forward latency (ms) of each stitch on a random ``(batch_size, *input_size)`` batch.
+    """Median forward latency (ms) of each stitch on a random ``(batch_size, *input_size)`` batch
+    (a language model: ``batch_size`` sequences of ``input_size[0]`` token ids).
 
     The network is moved to ``device`` and cast to ``dtype`` in place (as ``nn.Module.to``) and left
     in eval mode: latency is measured on the model as it will be deployed.
@@ -86,7 +87,7 @@ def measure_latency(
     device = resolve_device(device)
     ids = list(range(net.num_configs)) if ids is None else [net.check_id(i) for i in ids]
     net.to(device=device, dtype=dtype).eval()
-    x = torch.randn(batch_size, *net.profiles[0].input_size, device=device, dtype=dtype)
+    x = net.example_input(batch_size, dtype, device)
     return {
         stitch: median_ms(lambda batch, s=stitch: net(batch, s), x, warmup, repeats)
         for stitch in tqdm(ids, desc=f"latency on {device} (batch {batch_size}, {dtype})", disable=not progress)

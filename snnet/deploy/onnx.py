@@ -114,6 +114,8 @@ def export_onnx(
 
     ``results`` (same network) add each stitch's measured accuracy to its JSON; ``class_names`` name the outputs.
     """
+    if net.is_language_model:
+        raise ValueError("ONNX export (--format onnx) is for image families so far; a language model exports one stitch with --format torch")
     ids = [net.check_id(s) for s in stitches]
     measured = {r.id: r for r in results or []}
     input_size = list(net.profiles[0].input_size)

@@ -91,6 +91,8 @@ def save_pretrained(
     ``results``: measured per-stitch accuracies (``snnet validate``; default: costs only);
     ``training``: how it was trained (hyper-parameters, epochs), shown in the model card.
     """
+    if net.is_language_model:
+        raise ValueError("a pretrained folder (--format pretrained) is for image families so far; a language model exports one stitch with --format torch")
     if len(network.specs()) != len(net.anchors):
         raise ValueError(f"the network config has {len(network.specs())} anchors but the network {len(net.anchors)}")
     rows = list(results) if results is not None else [stitch_result(net, i.id) for i in net.infos]

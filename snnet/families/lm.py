@@ -186,7 +186,13 @@ def load_causal_lm(name: str, config: dict[str, Any] | None = None, pretrained: 
         raise FileNotFoundError(f"language model directory {path} not found (or has no config.json); "
                                 "save one with model.save_pretrained(dir) or give a hub name")
     source = str(path) if looks_local else name
-    hf_config = AutoConfig.from_pretrained(source)
+    try:
+        hf_config = AutoConfig.from_pretrained(source)
+    except OSError as e:  # not a folder here, and not a hub model that can be reached (offline, no such repo)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"language model {name!r}: no such directory (from {os.getcwd()}) and no reachable hub "
+                                f"model of that name ({first}); give the directory written by save_pretrained, "
+                                "relative to where you run snnet, or a hub name") from None
     if not pretrained:
         return _causal(AutoModelForCausalLM, hf_config, name, dtype)
     _check_causal(hf_config, name)

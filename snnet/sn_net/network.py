@@ -390,11 +390,26 @@ class StitchableNetwork(nn.Module):
         its BatchNorm layers on their own buffers rather than the path's statistics in ``bn_bank``."""
         return [self._key_module(key) for key in self._prefix_tree.paths[self.check_id(stitch)]]
 
+    @property
+    def is_language_model(self) -> bool:
+        """A family of causal language models (token views): inputs are token ids, costs per token."""
+        return self.views[0].per_token
+
+    def example_input(self, batch_size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
+        """A random batch of the network's input size: images of ``dtype`` (default: the parameters'),
+        or token ids (int64, uniform over the vocabulary) for a language model; on the model's device by default."""
+        param = next(self.parameters())
+        device = param.device if device is None else device
+        size = (batch_size, *self.profiles[0].input_size)
+        if self.is_language_model:
+            return torch.randint(0, int(self.anchors[0].config.vocab_size), size, device=device)
+        return torch.randn(size, device=device, dtype=dtype or param.dtype)
+
     def data_config(self) -> dict:
         """timm data config (mean/std, interpolation, crop) of the first anchor at the network's input
         size: what the datamodules and the server preprocess with. A language-model family's:
         the sequence length (``input_size``, (T,)) and the vocabulary size, for the text datamodule."""
-        if self.views[0].per_token:
+        if self.is_language_model:
             return {"input_size": self.profiles[0].input_size, "vocab_size": int(self.anchors[0].config.vocab_size)}
         from timm.data import resolve_data_config
 

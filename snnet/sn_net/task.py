@@ -126,6 +126,6 @@ Task = ClassificationTask | LanguageModelTask
 def task_for(net: StitchableNetwork) -> Task:
     """The language-model task for a family of causal LMs (token views), else classification."""
     last = net.anchors[-1]
-    if net.views[-1].per_token:
+    if net.is_language_model:
         return LanguageModelTask(int(last.config.vocab_size))
     return ClassificationTask(int(getattr(last, "num_classes")))
