@@ -10,13 +10,15 @@ B's layers with B's rotary embeddings and mask, and ``stem -> blocks -> head`` e
 model's logits exactly. The hidden state between blocks is (B, T, C): layout ``tokens``, no prefix
 tokens; the input is token ids (B, T), int64; FLOPs are per token at the probe's sequence length.
 
-Sequences are packed (no padding), so positions are ``0..T-1`` and the mask is the plain causal one.
+Sequences are packed (no padding), so positions are ``0..T-1`` and the mask is the plain causal one,
+unless a generation step set a :class:`DecodeState` on the context: then positions and masks follow
+its attention mask (left padding) and each layer reads and extends the anchor's own KV cache.
 Supported architectures: :data:`ARCHITECTURES` (Llama also covers Qwen2/3, Mistral, SmolLM).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ class LMArchitecture:
     rotary: str | None = None
     positions: str | None = None
     dropout: str | None = None
+    cache_arg: str = "cache"  # the decoder layer's keyword for the KV cache
 
 
 LLAMA = LMArchitecture(base="model", embed="embed_tokens", layers="layers", norm="norm", head="lm_head", rotary="rotary_emb")
@@ -53,7 +56,8 @@ ARCHITECTURES: dict[str, LMArchitecture] = {
     "GPT2LMHeadModel": LMArchitecture(base="transformer", embed="wte", layers="h", norm="ln_f", head="lm_head",
                                       positions="wpe", dropout="drop"),
     "GPTNeoXForCausalLM": LMArchitecture(base="gpt_neox", embed="embed_in", layers="layers", norm="final_layer_norm",
-                                         head="lm_head", rotary="rotary_emb", dropout="emb_dropout"),
+                                         head="lm_head", rotary="rotary_emb", dropout="emb_dropout",
+                                         cache_arg="layer_past"),
 }
 
 
@@ -69,14 +73,36 @@ def context_length(model: nn.Module) -> int:
     return int(model.config.max_position_embeddings)
 
 
+@dataclass
+class DecodeState:
+    """One generation step as an anchor's layers see it: the 2D attention mask over past and new
+    tokens (B, past + T; 0 at left padding), the new tokens' positions (B, T), and the anchor's own
+    KV cache (a transformers ``Cache``; None: the whole sequence is the input, nothing cached)."""
+
+    attention_mask: Tensor
+    position_ids: Tensor
+    cache: Any = None
+    layer_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per mask kind, made by its first layer
+
+
 class LMContext:
-    """What one anchor's decoder layers share in a forward: positions, rotary embeddings, masks."""
+    """What one anchor's decoder layers share in a forward: positions, rotary embeddings, masks
+    (and, while generating, the step's :class:`DecodeState`)."""
 
     def __init__(self, model: nn.Module, arch: LMArchitecture, name: str) -> None:
         self.model, self.arch, self.name = model, arch, name
         self.base = getattr(model, arch.base)
         self._key: tuple | None = None
         self._value: dict[str, Any] = {}
+        self.state: DecodeState | None = None
+
+    def position_ids(self, ids: Tensor) -> Tensor:
+        """Positions of the token ids (B, T) the stem embeds: ``0..T-1``, or the generation step's."""
+        if self.state is not None:
+            self.check_length(self.state.attention_mask.shape[1])
+            return self.state.position_ids
+        self.check_length(ids.shape[1])
+        return torch.arange(ids.shape[1], device=ids.device)[None]
 
     def check_length(self, length: int) -> None:
         limit = context_length(self.model)
@@ -84,10 +110,12 @@ class LMContext:
             raise ValueError(f"sequence of {length} tokens is longer than anchor {self.name}'s context of {limit} tokens "
                              "(config.max_position_embeddings); use sequences of at most that length")
 
-    def layer_kwargs(self, hidden: Tensor, kind: str) -> dict[str, Any]:
-        """Keyword arguments of a decoder layer (mask of ``kind``) for hidden states (B, T, C)."""
+    def layer_kwargs(self, hidden: Tensor, kind: str, index: int) -> dict[str, Any]:
+        """Keyword arguments of decoder layer ``index`` (mask of ``kind``) for hidden states (B, T, C)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+        if self.state is not None:
+            return self._step_kwargs(hidden, kind, index)
         config = self.model.config
         key = (hidden.shape[1], hidden.device, hidden.dtype, config._attn_implementation, torch.is_inference_mode_enabled())
         if key != self._key:
@@ -108,6 +136,25 @@ class LMContext:
             out["position_embeddings"] = value["position_embeddings"]
         return out
 
+    def _step_kwargs(self, hidden: Tensor, kind: str, index: int) -> dict[str, Any]:
+        """A generation step's layer arguments: made by the first layer of each mask kind on the path,
+        before it extends the cache (so the mask is sized on that layer's past), shared by the rest."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        state = self.state
+        if kind not in state.layer_kwargs:
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            probe = hidden.detach()
+            mask = make(config=self.model.config, inputs_embeds=probe, attention_mask=state.attention_mask, cache=state.cache,
+                        position_ids=state.position_ids, layer_idx=index if state.cache is not None else None)
+            kwargs = {"attention_mask": mask, "position_ids": state.position_ids, self.arch.cache_arg: state.cache}
+            shared = next(iter(state.layer_kwargs.values()), None)
+            if self.arch.rotary is not None:
+                kwargs["position_embeddings"] = (shared["position_embeddings"] if shared is not None
+                                                 else getattr(self.base, self.arch.rotary)(probe, position_ids=state.position_ids))
+            state.layer_kwargs[kind] = kwargs
+        return state.layer_kwargs[kind]
+
 
 class DecoderBlock(nn.Module):
     """One decoder layer as a block ``(B, T, C) -> (B, T, C)``; positions and mask from its anchor's context."""
@@ -116,10 +163,10 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.layer = layer
         self.context = [context]  # a list: not a submodule, the context is shared by the anchor's blocks
-        self.kind = _mask_kind(context.model.config, index)
+        self.kind, self.index = _mask_kind(context.model.config, index), index
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.layer(x, **self.context[0].layer_kwargs(x, self.kind))
+        out = self.layer(x, **self.context[0].layer_kwargs(x, self.kind, self.index))
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -135,10 +182,10 @@ def lm_view(model: nn.Module) -> AnchorView:
     def stem(ids: Tensor) -> Tensor:
         if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"a language model takes token ids (B, T) int64, got {tuple(ids.shape)} {ids.dtype}")
-        context.check_length(ids.shape[1])
+        position_ids = context.position_ids(ids)
         x = embed(ids)
         if positions is not None:
-            x = x + positions(torch.arange(ids.shape[1], device=ids.device))[None]
+            x = x + positions(position_ids)
         return dropout(x)
 
     norm, head = getattr(base, arch.norm), getattr(model, arch.head)
@@ -150,6 +197,14 @@ def lm_view(model: nn.Module) -> AnchorView:
         input_dtype=torch.int64, input_size=(min(context_length(model), DEFAULT_MAX_PROBE_TOKENS),), per_token=True,
         stem_modules=[embed] + ([positions] if positions is not None else []),
     )
+
+
+def lm_context(view: AnchorView) -> LMContext:
+    """The context an LM view's decoder blocks share (where a generation step sets its state)."""
+    block = view.blocks[0] if view.blocks else None
+    if not isinstance(block, DecoderBlock):
+        raise ValueError(f"{type(view.model).__name__} is not a language model view (its blocks are not decoder layers)")
+    return block.context[0]
 
 
 def architecture(model: nn.Module) -> LMArchitecture:
