@@ -269,6 +269,11 @@ A request that names no stitch is answered by the policy:
          overhead a + b x depth fitted to the latencies observed. Under load it moves to cheaper
          stitches, back when the load falls; when none fits, the fastest answers.
   fixed  always --stitch ID (a baseline).
+
+A language model's checkpoint is served for text instead: POST /v1/completions with an OpenAI-style
+body ({"prompt": "...", "max_tokens": N, "temperature", "top_p", "top_k", "seed", "stream": true for
+server-sent events}) and the same "stitch" or budgets (GFLOPs per token); --slo-ms is then the
+target time per generated token, measured per stitch at start-up.
 """
 
 def serve_command(argv: Sequence[str]) -> None:
@@ -294,6 +299,9 @@ def serve_command(argv: Sequence[str]) -> None:
     parser.add_argument("--api-key", type=str | None, help="require this X-API-Key header (LitServe's API key; default $LIT_SERVER_API_KEY)")
     parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="refuse larger images (413)")
     parser.add_argument("--max-payload-mb", type=float, default=16.0, help="refuse larger request bodies (413)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="language model: a request's default max_tokens")
+    parser.add_argument("--tokenizer", type=str | None,
+                        help="language model: tokenizer directory or hub name (default: the one it was trained with, else bytes)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     options = parse(parser, argv).as_dict()
     options["api_key"] = options["api_key"] or os.environ.get("LIT_SERVER_API_KEY")

@@ -90,6 +90,47 @@ class Tokenizer:
             ids = ids + [self.hf.eos_token_id]
         return torch.tensor(ids, dtype=torch.int64)
 
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-text token (where generation stops), None for bytes."""
+        return None if self.hf is None else self.hf.eos_token_id
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of a prompt: no end-of-text token after it."""
+        if self.hf is None:
+            return list(text.encode("utf-8"))
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def decoder(self) -> "IncrementalDecoder":
+        """Text of generated tokens as they come, a character only once all its tokens have (a
+        multi-byte UTF-8 character may span several byte tokens)."""
+        return IncrementalDecoder(self)
+
+
+class IncrementalDecoder:
+    """``feed(ids)`` returns the text the new tokens complete; ``text`` is everything so far."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def _decoded(self) -> str:
+        if self.tokenizer.hf is None:
+            return bytes(self.ids).decode("utf-8", errors="replace")
+        return self.tokenizer.hf.decode(self.ids, skip_special_tokens=True)
+
+    def _advance(self, full: str) -> str:
+        new = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += new
+        return new
+
+    def feed(self, ids: list[int]) -> str:
+        self.ids += ids
+        return self._advance(self._decoded().rstrip("\ufffd"))  # an unfinished character is U+FFFD until its last byte
+
+    def flush(self) -> str:
+        """The rest at the end (an unfinished character as U+FFFD)."""
+        return self._advance(self._decoded())
+
 
 class PackedSequences(Dataset):
     """Sequence ``i``: tokens ``[i T, i T + T + 1)`` as (inputs, next-token targets), each (T,) int64."""

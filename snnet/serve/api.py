@@ -123,7 +123,7 @@ def _too_large(limit: int | None) -> RequestError:
                         if limit else "request body too large")
 
 
-async def _read_fields(request: Request, max_payload_bytes: int | None = None) -> dict:
+async def read_fields(request: Request, max_payload_bytes: int | None = None) -> dict:
     """The body's fields: JSON, or a multipart/urlencoded form (the image as an upload)."""
     declared = request.headers.get("content-length", "")
     if max_payload_bytes and declared.isdigit() and int(declared) > max_payload_bytes:
@@ -156,15 +156,17 @@ class StitchServer(ls.LitServer):
     """LitServer with the request checks and stitch choice in front of the queue, and the page,
     ``/stats`` and ``/stitches`` next to LitServe's ``/health`` and ``/info``."""
 
+    page_html: str | None = PAGE  # GET /: the image page (None: no page)
+
     def __init__(self, api: StitchAPI, state: ServeState, **kwargs: Any) -> None:
         self.state = state  # read by register_endpoints, which LitServer.__init__ calls
         super().__init__(api, **kwargs)
 
     def register_endpoints(self) -> None:
-        state, auth = self.state, [Depends(self.setup_auth())]
+        state, auth, html = self.state, [Depends(self.setup_auth())], self.page_html
 
         async def page() -> HTMLResponse:  # no data in it: the page fetches with the key it is given
-            return HTMLResponse(PAGE)
+            return HTMLResponse(html)
 
         async def stats() -> JSONResponse:
             return JSONResponse(state.summary())
@@ -172,7 +174,8 @@ class StitchServer(ls.LitServer):
         async def stitches() -> JSONResponse:
             return JSONResponse(state.stitches())
 
-        self.app.add_api_route("/", page, methods=["GET"])  # before LitServe's "/" so it wins
+        if html is not None:
+            self.app.add_api_route("/", page, methods=["GET"])  # before LitServe's "/" so it wins
         self.app.add_api_route("/stats", stats, methods=["GET"], dependencies=auth)
         self.app.add_api_route("/stitches", stitches, methods=["GET"], dependencies=auth)
         super().register_endpoints()
@@ -184,7 +187,7 @@ class StitchServer(ls.LitServer):
             start = time.perf_counter()
             state.in_flight += 1
             try:
-                fields = await _read_fields(request, state.max_payload_bytes)
+                fields = await read_fields(request, state.max_payload_bytes)
                 x, stitch, top_k = await run_in_threadpool(state.prepare, fields)
                 depth, chosen_by = state.in_flight, "request"
                 if stitch is None:

@@ -46,6 +46,8 @@ class ServeConfig:
     metric: str = "acc1"
     log_level: str = "warning"
     fast_queue: bool = True  # LitServe's ZeroMQ transport: fewer process hops per request than its manager queues
+    max_new_tokens: int = 64  # a language model's default max_tokens per request
+    tokenizer: str | None = None  # a language model's tokenizer: None: the one it was trained with, else bytes
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -56,7 +58,7 @@ class ServeConfig:
             raise ValueError("--policy fixed needs --stitch ID (the stitch to serve)")
         if self.policy == "slo" and self.stitch is not None:
             raise ValueError(f"--stitch {self.stitch} is for --policy fixed; the slo policy chooses the stitch itself")
-        for name in ("max_batch_size", "top_k", "max_image_pixels"):
+        for name in ("max_batch_size", "top_k", "max_image_pixels", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.slo_ms <= 0 or self.batch_timeout_ms < 0 or self.max_payload_mb <= 0:
@@ -114,10 +116,17 @@ def build_server(cfg: ServeConfig):
         raise ValueError(f"results file {cfg.results or trained.local} does not describe checkpoint {cfg.ckpt}: {e}") from None
     if cfg.stitch is not None:
         net.check_id(cfg.stitch)
-    if cfg.policy == "slo" and any(getattr(r, cfg.metric) is None for r in results):
-        raise ValueError(f"--policy slo needs {cfg.metric} for every stitch in {cfg.results}: write it with `snnet validate`")
+    language_model = net.views[0].per_token
+    metric = "ppl" if language_model else cfg.metric
+    if cfg.policy == "slo" and any(getattr(r, metric) is None for r in results):
+        raise ValueError(f"--policy slo needs {metric} for every stitch in {cfg.results}: write it with `snnet validate`")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
     device = str(resolve_device(device))
+    if language_model:
+        from snnet.serve.text_api import build_text_server
+
+        tokenizer = cfg.tokenizer or (trained.training.get("data") or {}).get("tokenizer") or "bytes"
+        return build_text_server(cfg, net, str(trained.local.resolve()), results, device, tokenizer)
     sizes = batch_sizes(cfg.max_batch_size)
     ids = [r.id for r in results]
     if cfg.latency == "results":

@@ -12,11 +12,12 @@ the depth, falls back when the load does.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from snnet.results import StitchResult, pareto_front
+from snnet.results import StitchResult, better, metric_value, pareto_front
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ class OverheadFit:
 
 @dataclass
 class SLOPolicy:
-    """The most accurate stitch whose expected latency at the current depth meets ``slo_ms * margin``.
+    """The most accurate stitch (lowest perplexity for ``metric="ppl"``) whose expected latency at the
+    current depth meets ``slo_ms * margin``.
 
     Candidates are the stitches on the latency/accuracy Pareto front (for latency, the batch-1
     column of ``latency``): any other stitch is slower and less accurate than one of them. When none
@@ -143,10 +145,10 @@ class SLOPolicy:
         timed = [r for r in self.results if r.id in self.latency.ms]
         if not timed:
             raise ValueError("no stitch of the results has a measured latency")
-        rows = [StitchResult(r.id, r.name, r.flops, r.params, r.is_anchor, r.acc1, r.acc5, self.latency.batch_ms(r.id, 1))
-                for r in timed]
+        rows = [dataclasses.replace(r, latency_ms=self.latency.batch_ms(r.id, 1)) for r in timed]
         front = pareto_front(rows, cost="latency_ms", metric=self.metric)
-        self.candidates = sorted(front, key=lambda r: -getattr(r, self.metric))  # most accurate first
+        sign = better(self.metric)  # a perplexity: lower is better
+        self.candidates = sorted(front, key=lambda r: -sign * metric_value(r, self.metric))  # most accurate first
         self.current = self.candidates[0].id
         self.overhead = OverheadFit(self.alpha)
 

@@ -66,7 +66,7 @@ class Catalog:
         }
 
 
-def _number(fields: Mapping[str, Any], key: str, kind: type) -> float | int | None:
+def read_number(fields: Mapping[str, Any], key: str, kind: type) -> float | int | None:
     value = fields.get(key)
     if value is None or value == "":
         return None
@@ -88,15 +88,15 @@ def read_choice(fields: Mapping[str, Any], metric: str = "acc1") -> StitchChoice
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise RequestError(400, f"unknown fields {unknown}; valid fields: {list(FIELDS)}")
-    budgets = {key: _number(fields, key, float) for key in BUDGETS}
+    budgets = {key: read_number(fields, key, float) for key in BUDGETS}
     try:  # budgets checked as `snnet select` checks them; an id and a budget together refused
-        return StitchChoice(stitch=_number(fields, "stitch", int), metric=metric, **budgets)
+        return StitchChoice(stitch=read_number(fields, "stitch", int), metric=metric, **budgets)
     except ValueError as e:
         raise RequestError(422, str(e)) from None
 
 
 def read_top_k(fields: Mapping[str, Any], default: int, num_classes: int) -> int:
-    k = _number(fields, "top_k", int)
+    k = read_number(fields, "top_k", int)
     k = default if k is None else k
     if not 1 <= k <= num_classes:
         raise RequestError(422, f"top_k must be in 1..{num_classes} (the number of classes), got {k}")
