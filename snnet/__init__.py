@@ -42,6 +42,8 @@ PUBLIC: dict[str, str] = {
     "evaluate_stitches": "snnet.deploy.evaluate",
     "export_stitch": "snnet.deploy.export",
     "load_stitch": "snnet.deploy.export",
+    # a language model's text, along one stitch
+    "generate": "snnet.sn_net.generate",
 }
 """Public name -> the module that defines it."""
 
