@@ -293,16 +293,26 @@ class ImageDataModule(EpochDataModule):
 class CheckedImageFolder(ImageFolder):
     """ImageFolder whose unreadable images (corrupt, truncated, not an image) raise a
     :class:`~snnet.errors.BadFileError` naming the file; with ``skip_unreadable`` each is
-    skipped with a warning naming it (the next readable image takes its place) and counted."""
+    skipped with a warning naming it (the next readable image takes its place) and counted.
+
+    The count is one flag per image in shared memory (``torch.Tensor.share_memory_``): DataLoader
+    workers, forked or spawned, set the flags of the images they skip, and the main process reads
+    them all (a count kept in a Python set would stay in the worker that made it)."""
 
     def __init__(self, root: Path, transform: Callable, skip_unreadable: bool = False) -> None:
         super().__init__(root, transform)
         self.skip_unreadable = skip_unreadable
-        self.skipped: set[str] = set()  # this process's (with loader workers, each worker keeps its own)
+        self.unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    @property
+    def skipped(self) -> set[str]:
+        """The files skipped so far, by this process and its loader workers."""
+        return {self.samples[i][0] for i in self.unreadable.nonzero().flatten().tolist()}
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for offset in range(len(self.samples)):
-            path, target = self.samples[(index + offset) % len(self.samples)]
+            position = (index + offset) % len(self.samples)
+            path, target = self.samples[position]
             try:
                 image = self.loader(path)  # PIL decodes here: the transforms below are not guarded
             except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError, truncated data, bad headers
@@ -310,8 +320,8 @@ class CheckedImageFolder(ImageFolder):
                 if not self.skip_unreadable:
                     raise BadFileError(f"image {path} cannot be read ({reason}); remove it, or set "
                                        "data.init_args.skip_unreadable: true to skip unreadable images") from None
-                if path not in self.skipped:
-                    self.skipped.add(path)
+                if not self.unreadable[position]:
+                    self.unreadable[position] = True
                     log.warning("skipping unreadable image %s (%s)", path, reason)
                 continue
             image = self.transform(image) if self.transform is not None else image

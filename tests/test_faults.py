@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import warnings
 
 import pytest
 import torch
@@ -78,10 +79,62 @@ def test_skip_unreadable_skips_counts_and_names_them(folder_with_bad_images, cap
     assert all(path in caplog.text for path in bad)
 
 
-def test_resume_with_another_max_steps_warns_that_the_schedule_changes():
+def test_schedule_change_names_what_changed():
     from snnet.optim import schedule_change
 
     saved = {"total_steps": 240, "warmup_steps": 10, "min_lr": 1e-6}
     assert schedule_change(saved, dict(saved)) is None and schedule_change(None, saved) is None
     message = schedule_change(saved, {**saved, "total_steps": 480})
     assert message.startswith("resuming with another learning-rate schedule than the checkpoint's (total_steps 240 -> 480)")
+
+
+def schedule_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "learning-rate schedule" in str(w.message)]
+
+
+def test_resume_with_another_max_steps_warns_that_the_schedule_changes(tmp_path):
+    """Real fits: 4 steps, resumed to 8 (warns 4 -> 8), then resumed from that run's step-6 checkpoint
+    (saved under the 8-step schedule) with the same max_steps (no warning)."""
+    from helpers import tiny_config
+
+    config, checkpoints = str(tiny_config(tmp_path)), tmp_path / "checkpoints"
+    main(["fit", "--config", config, "--trainer.max_steps", "4"])
+    with pytest.warns(UserWarning) as record:
+        main(["fit", "--config", config, "--trainer.max_steps", "8", "--ckpt_path", "last"])
+        warnings.warn("resumed", UserWarning)  # pytest.warns needs one; the assertion is on the list
+    assert schedule_warnings(record) == [
+        "resuming with another learning-rate schedule than the checkpoint's (total_steps 4 -> 8): the rest of the run "
+        "follows the new schedule from the resumed step, so it differs from an uninterrupted run of either length"]
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 8
+    with pytest.warns(UserWarning) as record:
+        main(["fit", "--config", config, "--trainer.max_steps", "8", "--ckpt_path", str(checkpoints / "epoch=0-step=6.ckpt")])
+        warnings.warn("resumed", UserWarning)
+    assert schedule_warnings(record) == []
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 8
+
+
+def test_skipped_images_are_counted_across_loader_workers(tmp_path, caplog):
+    """A real fit with 2 loader workers over a folder with 3 unreadable images (2 train, 1 val):
+    the end-of-run report counts all 3 although the workers, not this process, read them."""
+    import lightning as L
+
+    from helpers import tiny_module
+    from snnet.data import ImageFolderDataModule
+
+    bad = []
+    for split, per_class, broken in (("train", 6, ("a/1.png", "b/4.png")), ("val", 4, ("b/0.png",))):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / split / label / f"{i}.png")
+        for name in broken:
+            (tmp_path / split / name).write_bytes(b"not an image")
+            bad.append(str(tmp_path / split / name))
+    module = tiny_module()
+    data = ImageFolderDataModule(str(tmp_path), skip_unreadable=True, data_config=module.data_config, batch_size=4,
+                                 num_workers=2, train_transform="eval")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert data.train_set.skipped | data.val_set.skipped == set(bad)
+    assert f"skipped 3 unreadable images (skip_unreadable: true), e.g. {', '.join(sorted(bad))}" in caplog.text
