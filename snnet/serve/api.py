@@ -18,6 +18,7 @@ import torch
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
+from litserve.loops import BatchedLoop
 from litserve.server import RegularRequestHandler
 from starlette.concurrency import run_in_threadpool
 
@@ -29,11 +30,44 @@ from snnet.serve.stats import ServeStats
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
+IDLE_WAIT_S = 1.0  # how long the idle worker blocks on the request queue before looking again (as LitServe's SingleLoop)
+
+
+class _FirstThenQueue:
+    """A request queue whose first ``get`` returns a request already taken from it."""
+
+    def __init__(self, first: Any, queue: Any) -> None:
+        self.first, self.queue = first, queue
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        return self.queue.get(block=block, timeout=timeout)
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)
+
+
+class IdleBlockingBatchedLoop(BatchedLoop):
+    """LitServe's batched loop, except that an idle worker blocks on the request queue for the
+    first request of a batch instead of polling it every millisecond (LitServe's loop asks the
+    Manager process for a request every 1 ms while idle: ~12 % of a core in the two processes).
+    The batch then fills for ``batch_timeout`` from that first request, as before."""
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> tuple[list, list]:
+        first = self.get_request(request_queue, block=True, timeout=IDLE_WAIT_S)
+        if first is None:
+            return [], []
+        return super().get_batch_requests(lit_api, _FirstThenQueue(first, request_queue), transport)
+
+
 class StitchAPI(ls.LitAPI):
     """The inference worker: loads the checkpoint and answers batches of (input, stitch, top-k)."""
 
     def __init__(self, ckpt: str, max_batch_size: int = 16, batch_timeout: float = 0.002, api_key: str | None = None) -> None:
-        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict")
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/predict",
+                         loop=IdleBlockingBatchedLoop() if max_batch_size > 1 else "auto")  # 1: SingleLoop blocks already
         self.ckpt, self.api_key = ckpt, api_key
 
     def setup(self, device: str) -> None:
