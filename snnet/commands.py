@@ -308,6 +308,15 @@ def serve_command(argv: Sequence[str]) -> None:
     serve(ServeConfig(**options))
 
 
+LIGHTNING_COMMANDS = {
+    "fit": "Train all stitches jointly (least-squares init at start).",
+    "validate": "Score every stitch on the validation set; write results JSON/CSV and a Pareto plot.",
+    "test": "Score every stitch on the test set.",
+    "predict": "Predict class probabilities with one stitch: model.init_args.predict.stitch, or a budget (predict.max_gflops ... with predict.results).",
+}
+"""The Lightning subcommands (:mod:`snnet.trainer_cli`) and what each does."""
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "stitches": (stitches_command, "List the configurations of a family (id, name, FLOPs, params) without training."),
     "select": (select_command, "Pick the most accurate stitch for a FLOPs, parameter or latency budget."),

@@ -31,6 +31,7 @@ from snnet.determinism import (
     global_rngs_kept,
 )
 from snnet.errors import BadFileError
+from snnet.transforms import eval_transform
 
 TRAIN_TRANSFORMS: tuple[str, ...] = ("timm", "cifar", "eval")
 DATA_ENV = "SNNET_DATA_DIR"
@@ -251,7 +252,7 @@ class ImageDataModule(EpochDataModule):
 
         cfg = self._config()
         common = {k: cfg[k] for k in ("input_size", "mean", "std", "interpolation") if k in cfg}
-        eval_tf = create_transform(**common, crop_pct=cfg.get("crop_pct", 1.0), is_training=False)
+        eval_tf = eval_transform(cfg)
         if self.train_transform == "timm":
             train_tf = create_transform(**common, is_training=True, **self.augment)
         elif self.train_transform == "cifar":

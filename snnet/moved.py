@@ -46,6 +46,7 @@ SPLIT_MODULES: dict[str, tuple[str, ...]] = {
 MOVED_NAMES: dict[tuple[str, str], str] = {
     ("snnet.anchors", "NetworkConfig"): "snnet.sn_net.build",
     ("snnet.anchors", "build_network"): "snnet.sn_net.build",
+    ("snnet.checkpoint_io", "AtomicCheckpointIO"): "snnet.checkpoint_write",
 }
 """(module, name) -> the module the name moved to."""
 

@@ -86,7 +86,7 @@ def test_torchvision_and_class_path_anchors_load_local_weights_and_named_blocks(
 def test_fit_cli_parses_and_builds_per_anchor_specs_with_user_imports_without_running(tmp_path, monkeypatch):
     """`snnet fit --config` (LightningCLI, run=False): per-anchor specs of custom widths, a
     torchvision anchor with named blocks, and a timm model registered by a module in ``imports``."""
-    from snnet.cli import build_cli
+    from snnet.trainer_cli import build_cli
 
     (tmp_path / "snnet_user_models.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import save_file
 
 from helpers import tiny_module
-from snnet.checkpoint_io import AtomicCheckpointIO
+from snnet.checkpoint_write import AtomicCheckpointIO
 from snnet.front import stitch_result
 from snnet.results import save_results
 

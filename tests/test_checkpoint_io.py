@@ -11,7 +11,8 @@ import torch
 
 from helpers import tiny_module
 from snnet.deploy.load import load_network
-from snnet.checkpoint_io import PARTIAL, AtomicCheckpointIO, CheckpointError, check_fits, read_checkpoint
+from snnet.checkpoint_io import PARTIAL, CheckpointError, check_fits, read_checkpoint
+from snnet.checkpoint_write import AtomicCheckpointIO
 from snnet.cli import main
 from snnet.results import load_results
 

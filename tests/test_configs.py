@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from snnet.cli import build_cli
+from snnet.trainer_cli import build_cli
 from snnet.sn_net.module import SNNetModule
 
 CONFIGS = Path(__file__).parents[1] / "configs"

@@ -105,7 +105,7 @@ def test_predict_runs_the_chosen_stitch(scored):
 
 def test_cli_predict_takes_the_stitch_with_a_checkpoint(tmp_path):
     """`snnet predict --ckpt_path` rebuilds the module from the checkpoint; the stitch comes from the command line."""
-    from snnet.cli import build_cli
+    from snnet.trainer_cli import build_cli
 
     module = tiny_module(teacher=None)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, limit_val_batches=0,

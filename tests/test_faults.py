@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from snnet.checkpoint_io import PARTIAL, AtomicCheckpointIO, read_checkpoint
+from snnet.checkpoint_io import PARTIAL, read_checkpoint
+from snnet.checkpoint_write import AtomicCheckpointIO
 from snnet.cli import main
 from snnet.data import CheckedImageFolder
 from snnet.errors import BadFileError, WriteError

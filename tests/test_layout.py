@@ -12,7 +12,7 @@ import snnet
 PACKAGE = Path(snnet.__file__).parent
 METHODS = {"sn_net", "stitchnet", "general_stitching"}
 ROLES = {"deploy", "serve"}
-APPLICATION = {"snnet", "snnet.cli", "snnet.commands"}  # may import every public name
+APPLICATION = {"snnet", "snnet.cli", "snnet.commands", "snnet.trainer_cli"}  # may import every public name
 ALLOWED = {"deploy": {"core", "sn_net", "deploy"}, "serve": {"core", "sn_net", "deploy", "serve"}}
 
 

@@ -6,6 +6,7 @@ named, before any worker starts.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -16,11 +17,13 @@ from typing import Literal
 import torch
 
 from snnet.deploy.latency import measure_latency, resolve_device
+from snnet.results import check_budgets
 from snnet.serve.policy import FixedPolicy, LatencyTable, Policy, SLOPolicy
 from snnet.sn_net.network import StitchableNetwork
 
 POLICIES: tuple[str, ...] = ("slo", "fixed")
 LATENCY_SOURCES: tuple[str, ...] = ("measure", "results")
+MIN_PORT = 1024  # LitServe refuses lower ports (after start-up: checked here first)
 
 
 @dataclass
@@ -61,9 +64,11 @@ class ServeConfig:
         for name in ("max_batch_size", "top_k", "max_image_pixels", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.slo_ms <= 0 or self.batch_timeout_ms < 0 or self.max_payload_mb <= 0:
-            raise ValueError(f"need slo_ms > 0, batch_timeout_ms >= 0, max_payload_mb > 0; got {self.slo_ms}, "
-                             f"{self.batch_timeout_ms}, {self.max_payload_mb}")
+        check_budgets({"slo_ms": self.slo_ms, "max_payload_mb": self.max_payload_mb})  # finite, > 0 (not NaN, not inf)
+        if not 0 <= self.batch_timeout_ms < math.inf:
+            raise ValueError(f"batch_timeout_ms must be a finite number >= 0, got {self.batch_timeout_ms}")
+        if not 0 < self.margin <= 1:
+            raise ValueError(f"margin must be in (0, 1], got {self.margin}")
 
 
 def read_checkpoint(path: str | Path) -> tuple[StitchableNetwork, list[str] | None]:
@@ -91,9 +96,9 @@ def measure_table(net: StitchableNetwork, ids: list[int], sizes: tuple[int, ...]
 
 def eval_transform(net: StitchableNetwork):
     """The validation transform of ``snnet validate`` (the datamodules' own, from the data config)."""
-    from snnet.data import ImageDataModule
+    from snnet.transforms import eval_transform as of_config
 
-    return ImageDataModule(data_config=net.data_config()).transforms()[1]
+    return of_config(net.data_config())
 
 
 def build_server(cfg: ServeConfig):
@@ -158,8 +163,8 @@ def build_server(cfg: ServeConfig):
 def check_port(host: str, port: int) -> None:
     """A ValueError naming host, port and the OS error when the server could not listen there
     (checked before start-up, so the banner is never printed for a port that is taken)."""
-    if not 0 < port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {port}")
+    if not MIN_PORT <= port <= 65535:
+        raise ValueError(f"--port must be in {MIN_PORT}..65535 (LitServe's range), got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
