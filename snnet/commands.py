@@ -151,6 +151,12 @@ def bench_latency_command(argv: Sequence[str]) -> None:
     onnx = args.runtime == "onnxruntime"
     if onnx != (args.onnx is not None) or (not onnx and (args.results is None or (args.config or args.ckpt) is None)):
         raise UsageError("give --results and one of --config, --ckpt; or --runtime onnxruntime --onnx DIR")
+    if onnx and (args.dtype, args.device) != ("float32", "cpu"):
+        raise UsageError(f"--dtype {args.dtype} --device {args.device}: --runtime onnxruntime times the exported float32 "
+                         "files on the CPU; --dtype and --device are for --runtime pytorch")
+    if args.threads is not None and (not onnx or args.threads < 1):
+        raise UsageError(f"--threads {args.threads}: " + ("must be >= 1" if onnx else "is for --runtime onnxruntime "
+                         "(PyTorch's threads: set OMP_NUM_THREADS)"))
     if not onnx and args.out is None and not Path(args.results).is_file():
         raise UsageError(f"--results {args.results} is no file to update in place (a pretrained folder is never changed): give --out")
     if onnx:

@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 
 from helpers import tiny_module
 from snnet.checkpoint_write import AtomicCheckpointIO
+from snnet.deploy.onnx import FORMAT as ONNX_FORMAT
 from snnet.front import stitch_result
 from snnet.results import save_results
+from snnet.serve.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORK = {"anchors": ["cifar_resnet8", "cifar_resnet14"], "pretrained": False, "input_size": [3, 16, 16]}
@@ -95,8 +97,28 @@ CASES = [
     # serve (every check before the banner)
     ("serve-port-taken", ["serve", "--ckpt", "{ckpt}", "--results", "{results}", "--port", "{port}"], "cannot listen on 127.0.0.1:{port}"),
     ("serve-fixed-without-stitch", ["serve", "--ckpt", "{ckpt}", "--results", "{results}", "--policy", "fixed"], "--policy fixed needs --stitch"),
-    ("serve-results-of-another-network", ["serve", "--ckpt", "{ckpt}", "--results", "{renamed}", "--port", "1"],
+    ("serve-results-of-another-network", ["serve", "--ckpt", "{ckpt}", "--results", "{renamed}", "--port", "{free_port}"],
      "results file {renamed} does not describe checkpoint {ckpt}"),
+    ("serve-port-below-1024", ["serve", "--ckpt", "{ckpt}", "--results", "{results}", "--port", "80"],
+     "--port must be in 1024..65535 (LitServe's range), got 80"),
+    ("serve-infinite-slo", ["serve", "--ckpt", "{ckpt}", "--results", "{results}", "--slo-ms", ".inf"],
+     "slo_ms must be a finite positive number, got inf"),
+    ("serve-nan-margin", ["serve", "--ckpt", "{ckpt}", "--results", "{results}", "--margin", ".nan"], "margin must be in (0, 1], got nan"),
+    ("serve-nan-batch-timeout", ["serve", "--ckpt", "{ckpt}", "--results", "{results}", "--batch-timeout-ms", ".nan"],
+     "batch_timeout_ms must be a finite number >= 0, got nan"),
+    ("serve-infinite-payload", ["serve", "--ckpt", "{ckpt}", "--results", "{results}", "--max-payload-mb", ".inf"],
+     "max_payload_mb must be a finite positive number, got inf"),
+    # ONNX export and ONNX Runtime timing
+    ("export-onnx-out-uncreatable", ["export", "--ckpt", "{ckpt}", "--format", "onnx", "--stitch", "1", "--out", "{not_json}/sub"],
+     "{not_json}/sub: cannot create the folder"),
+    ("bench-threads-with-pytorch", ["bench", "latency", "--ckpt", "{ckpt}", "--results", "{results}", "--threads", "2"],
+     "--threads 2: is for --runtime onnxruntime"),
+    ("bench-onnx-with-dtype", ["bench", "latency", "--runtime", "onnxruntime", "--onnx", "{onnx_incomplete}", "--dtype", "float16"],
+     "--dtype float16 --device cpu: --runtime onnxruntime times the exported float32 files on the CPU"),
+    ("bench-onnx-threads-0", ["bench", "latency", "--runtime", "onnxruntime", "--onnx", "{onnx_incomplete}", "--threads", "0"],
+     "--threads 0: must be >= 1"),
+    ("bench-onnx-incomplete-description", ["bench", "latency", "--runtime", "onnxruntime", "--onnx", "{onnx_incomplete}"],
+     "{onnx_incomplete}/stitch-0.json: an snnet ONNX description without file, input"),
 ]
 
 
@@ -157,9 +179,11 @@ def files(tmp_path_factory) -> dict[str, str]:
         Path(out[name]).write_text(yaml.safe_dump(config))
     save_file({"conv1.weight": torch.zeros(3, 3, 3, 3)}, tmp / "bad_anchor.safetensors")
     (tmp / "not_json.json").write_text('[{"id": 0,')
+    (tmp / "onnx_incomplete").mkdir()
+    (tmp / "onnx_incomplete" / "stitch-0.json").write_text(json.dumps({"format": ONNX_FORMAT, "id": 0, "name": "cifar_resnet8"}))
     return {
         **out, "tmp": str(tmp), "ckpt": str(ckpt), "results": str(tmp / "results.json"), "images": str(images),
-        "bad_anchor": str(tmp / "bad_anchor.safetensors"), "bare_ckpt": str(tmp / "bare.ckpt"), "not_json": str(tmp / "not_json.json"),
+        "onnx_incomplete": str(tmp / "onnx_incomplete"), "bad_anchor": str(tmp / "bad_anchor.safetensors"), "bare_ckpt": str(tmp / "bare.ckpt"), "not_json": str(tmp / "not_json.json"),
         "nan_acc": variant("nan_acc", 0, "acc1", float("nan")), "negative_flops": variant("negative_flops", 1, "flops", -5),
         "string_acc": variant("string_acc", 2, "acc1", "high"),
         "renamed": variant("renamed", 3, "name", "cifar_resnet8[0:9] -> cifar_resnet14[1:]"),
@@ -174,7 +198,7 @@ def runs(files, request) -> dict[str, tuple[subprocess.CompletedProcess, str, st
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        values = {**files, "port": str(taken.getsockname()[1])}
+        values = {**files, "port": str(taken.getsockname()[1]), "free_port": str(free_port())}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "WANDB_MODE": "disabled"}
         env.pop("SNNET_TEST_UNSET", None)
 

@@ -36,6 +36,7 @@ INPUT, OUTPUT = "image", "logits"
 ATOL = 1e-4
 RTOL = 1e-4
 TRACE_BATCH, CHECK_BATCH = 2, 3
+DESCRIPTION_KEYS = ("file", "id", "name", "input")  # what reading an export needs of each stitch-*.json
 
 
 class OnnxCheckError(ValueError):
@@ -152,6 +153,10 @@ def read_exports(folder: str | os.PathLike) -> list[dict[str, Any]]:
         meta = read_json(path)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise BadFileError(f"{path}: not an snnet ONNX description (format {FORMAT!r})")
+        missing = [key for key in DESCRIPTION_KEYS if key not in meta]
+        if missing:
+            raise BadFileError(f"{path}: an snnet ONNX description without {', '.join(missing)}: "
+                               "write it again with `snnet export --format onnx`")
         if not (folder / meta["file"]).is_file():
             raise BadFileError(f"{path} describes {folder / meta['file']}, which is missing")
         metas.append(meta)
@@ -184,7 +189,12 @@ def onnx_latency(
     folder = Path(folder)
     out = {}
     for meta in tqdm(read_exports(folder), desc=f"ONNX Runtime latency (batch {batch_size})", disable=not progress):
-        run = session(folder / meta["file"], threads).run
-        x = torch.randn(batch_size, *meta["input"]["shape"][1:])
+        runner = session(folder / meta["file"], threads)
+        described, takes = list(meta["input"]["shape"][1:]), list(runner.get_inputs()[0].shape[1:])
+        if described != takes:
+            raise OnnxCheckError(f"{folder / meta['file']} takes images of shape {takes}, but the JSON that describes it "
+                                 f"says {described}: the two files are of different exports")
+        run = runner.run
+        x = torch.randn(batch_size, *described)
         out[meta["id"]] = median_ms(lambda t, run=run: run([OUTPUT], {INPUT: t.numpy()}), x, warmup, repeats)
     return out

@@ -24,8 +24,11 @@ def check_free(out: str | os.PathLike) -> Path:
 def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success rename it to ``out``, on any error remove it."""
     out = check_free(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:  # a file in the way, no permission, a read-only or virtual file system
+        raise WriteError(f"{out}: cannot create the folder ({e.strerror or e})") from e
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
     try:
         yield tmp
