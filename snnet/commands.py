@@ -199,7 +199,7 @@ def bench_command(argv: Sequence[str]) -> None:
 def export_command(argv: Sequence[str]) -> None:
     from snnet.deploy.export import export_stitch
     from snnet.deploy.onnx import export_onnx
-    from snnet.deploy.pretrained import load_trained, push_to_hub, results_of, save_pretrained
+    from snnet.deploy.pretrained import check_repo_id, load_trained, push_to_hub, results_of, save_pretrained
     from snnet.deploy.staging import check_free
     from snnet.errors import writable_folder
     from snnet.results import pareto_front
@@ -237,6 +237,8 @@ def export_command(argv: Sequence[str]) -> None:
         writable_folder(args.out, "--out")
     else:
         check_free(args.out)
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
     trained = load_trained(args.ckpt)
     net, results = trained.net, results_of(args.results) if args.results else trained.results
     if args.format == "pretrained":

@@ -84,6 +84,8 @@ CASES = [
     ("export-stitch-out-of-range", ["export", "--ckpt", "{ckpt}", "--stitch", "9", "--out", "{tmp}/e2"], "stitch id 9 out of range"),
     ("export-stitch-and-budget", ["export", "--ckpt", "{ckpt}", "--stitch", "1", "--max-gflops", "1", "--results", "{results}", "--out", "{tmp}/e3"],
      "give a stitch id (1) or a budget, not both"),
+    ("export-bad-hub-repo-id", ["export", "--ckpt", "{ckpt}", "--format", "pretrained", "--push-to-hub", "bad repo!!", "--out", "{tmp}/e6"],
+     "'bad repo!!'"),
     ("export-missing-ckpt", ["export", "--ckpt", "{tmp}/nope.ckpt", "--stitch", "1", "--out", "{tmp}/e4"], "checkpoint not found: {tmp}/nope.ckpt"),
     ("export-not-a-checkpoint", ["export", "--ckpt", "{not_json}", "--stitch", "1", "--out", "{tmp}/e5"], "checkpoint {not_json}: not a PyTorch checkpoint"),
     # stitches, bench, similarity

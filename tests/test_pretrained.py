@@ -203,3 +203,16 @@ def test_push_to_hub_uploads_the_saved_folder_and_never_a_broken_one(saved, tmp_
     with pytest.raises(PretrainedError, match="model.safetensors not found"):
         push_to_hub(broken, "me/stitched")
     assert len(calls) == 2
+
+
+def test_push_to_hub_without_network_is_one_line_and_keeps_the_folder(saved, tmp_path):
+    out = tmp_path / "pushed"
+    run = subprocess.run([sys.executable, "-m", "snnet.cli", "export", "--ckpt", str(saved), "--format", "pretrained",
+                          "--push-to-hub", "me/stitched", "--out", str(out)],
+                         env=env(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), HF_TOKEN="hf_test"),
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"snnet export: cannot upload {out} to the Hub repo me/stitched: "), line
+    assert line.endswith(f"the folder is complete: upload it later with `hf upload me/stitched {out}`"), line
+    assert from_pretrained(out).net.num_configs > 0

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from snnet.checkpoint_io import read_checkpoint, state_mismatch
 from snnet.deploy.staging import staged_folder
-from snnet.errors import BadFileError, read_json
+from snnet.errors import BadFileError, WriteError, one_line, read_json
 from snnet.front import stitch_result
 from snnet.results import StitchResult, load_results, markdown_table, plot_pareto, save_results
 from snnet.sn_net.build import NetworkConfig, build_network
@@ -279,7 +279,19 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     (created if needed) with ``HfApi.upload_folder``; returns the commit URL."""
     from huggingface_hub import HfApi
 
+    check_repo_id(repo_id)
     from_pretrained(folder)  # a folder that does not load is never uploaded
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model"))
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, repo_type="model"))
+    except Exception as e:  # the Hub's HTTP errors and its HTTP library's connection errors share no public base
+        raise WriteError(f"cannot upload {folder} to the Hub repo {repo_id}: {one_line(e)}; the folder is complete: "
+                         f"upload it later with `hf upload {repo_id} {folder}`") from e
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A ValueError naming ``repo_id`` when the Hub would refuse it (checked before anything is written)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)  # HFValidationError, a ValueError naming the id and the rule
