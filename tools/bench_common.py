@@ -31,6 +31,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def run_meta(**extra: object) -> dict:
+    """What a benchmark's JSON records of its run: date, machine and its load average, versions, command."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg(),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+            "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), **extra}
+
+
 def header_lines(title: str, argv: Sequence[str] | None) -> list[str]:
     """Section title, date, machine (with the load average: the machine may be shared), versions, command."""
     import timm

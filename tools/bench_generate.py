@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -34,6 +33,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import run_meta  # noqa: E402
 from snnet.deploy.pretrained import load_trained  # noqa: E402
 from snnet.results import load_results  # noqa: E402
 from snnet.serve.process import start_serve  # noqa: E402
@@ -167,9 +167,7 @@ def main() -> None:
         anchors = sorted((r for r in results if r.is_anchor), key=lambda r: r.flops)
         load = serve_load(args, ppl, anchors)
         print(markdown_load(load))
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg(),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
-            "torch": torch.__version__, "command": " ".join(["python", *sys.argv])}
+    meta = run_meta()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "throughput": rows, "load": load}, indent=1))
     print(json.dumps(meta))

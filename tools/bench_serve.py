@@ -24,7 +24,6 @@ import base64
 import io
 import json
 import os
-import platform
 import signal
 import sys
 import threading
@@ -146,13 +145,9 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
-    import torch
+    from bench_common import run_meta  # imports torch: not before the server's clients ran
 
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs", "python": platform.python_version(), "torch": torch.__version__,
-        "command": " ".join(["python", *sys.argv]), "slo_ms": args.slo_ms,
-    }
+    meta = run_meta(slo_ms=args.slo_ms)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(markdown(rows, acc))
