@@ -121,7 +121,7 @@ def build_server(cfg: ServeConfig):
         raise ValueError(f"results file {cfg.results or trained.local} does not describe checkpoint {cfg.ckpt}: {e}") from None
     if cfg.stitch is not None:
         net.check_id(cfg.stitch)
-    language_model = net.views[0].per_token
+    language_model = net.is_language_model
     metric = "ppl" if language_model else cfg.metric
     if cfg.policy == "slo" and any(getattr(r, metric) is None for r in results):
         raise ValueError(f"--policy slo needs {metric} for every stitch in {cfg.results}: write it with `snnet validate`")

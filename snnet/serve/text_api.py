@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.server import StreamingRequestHandler
 from starlette.concurrency import run_in_threadpool
 
+from snnet.families.lm import vocab_size
 from snnet.results import StitchResult
 from snnet.serve.api import ServeState, StitchAPI, StitchServer, read_fields
 from snnet.serve.policy import FixedPolicy, LatencyTable, Policy, SLOPolicy
@@ -245,7 +246,7 @@ def measure_token_table(net: StitchableNetwork, ids: Sequence[int], device: str,
     ``repeats`` runs: a step costs a few ms, which other jobs on a shared CPU inflate at random, and
     the policy's online overhead fit adds back what the server really sees."""
     net.to(device).eval()
-    vocab = int(net.anchors[0].config.vocab_size)
+    vocab = vocab_size(net.anchors[0])
     ms = {}
     for stitch in ids:
         length = max(1, min(prompt_tokens, path_context_length(net, stitch) - new_tokens + 1))
@@ -264,7 +265,7 @@ def build_text_server(cfg: Any, net: StitchableNetwork, local: str, results: lis
                       tokenizer: str) -> tuple[TextServer, TextServeState]:
     """The LM server for ``snnet serve`` (``cfg``: its ServeConfig), the latencies per token measured here."""
     tok = Tokenizer(tokenizer)
-    vocab = int(net.anchors[0].config.vocab_size)
+    vocab = vocab_size(net.anchors[0])
     if tok.vocab_size > vocab:
         raise ValueError(f"tokenizer {tokenizer!r} has {tok.vocab_size} tokens but the network's vocabulary has {vocab}: "
                          "give its own tokenizer with --tokenizer")

@@ -83,7 +83,7 @@ def path_context_length(net: StitchableNetwork, stitch: int) -> int:
 
 
 def _check_prompt(net: StitchableNetwork, ids: Tensor, mask: Tensor | None, stitch: int, max_new_tokens: int) -> Tensor:
-    if not net.views[0].per_token:
+    if not net.is_language_model:
         raise ValueError(f"generation needs a language model; this network's anchors are {type(net.anchors[0]).__name__}")
     if ids.ndim != 2 or ids.dtype != torch.int64 or ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be token ids (B, T) int64 with T >= 1, got {tuple(ids.shape)} {ids.dtype}")
